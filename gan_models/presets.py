@@ -1,0 +1,39 @@
+"""The papers' hyper-parameters, in one table. ``--model NAME`` picks a row; every value stays overridable.
+
+- dcgan:   Radford et al. 2015 - Adam lr 2e-4, beta1 0.5, non-saturating BCE, batch norm in G and D.
+- cgan:    Mirza & Osindero 2014 on the DCGAN body - the label enters G (with z) and D (with the image).
+- wgan:    Arjovsky et al. 2017, Algorithm 1 - RMSProp lr 5e-5, clip c = 0.01, n_critic = 5, no log, no sigmoid.
+- wgan-gp: Gulrajani et al. 2017, Algorithm 1 - Adam lr 1e-4, betas (0.5, 0.9), lambda = 10, n_critic = 5,
+           no batch norm in the critic (the penalty is per sample).
+"""
+from __future__ import annotations
+
+import copy
+
+_DCGAN_OPTIM = {"optimizer": "adam", "lr_g": 2e-4, "lr_d": 2e-4, "beta1": 0.5, "beta2": 0.999,
+                "n_critic": 1, "clip_value": None, "gp_weight": 0.0}
+
+PRESETS: dict[str, dict] = {
+    "dcgan": {
+        "model": {"objective": "bce", "conditional": False, "critic_batchnorm": True, "aux_class_weight": 0.0},
+        "optim": dict(_DCGAN_OPTIM),
+    },
+    "cgan": {
+        "model": {"objective": "bce", "conditional": True, "critic_batchnorm": True, "aux_class_weight": 0.0},
+        "optim": dict(_DCGAN_OPTIM),
+    },
+    "wgan": {
+        "model": {"objective": "wasserstein", "conditional": False, "critic_batchnorm": True, "aux_class_weight": 0.0},
+        "optim": {"optimizer": "rmsprop", "lr_g": 5e-5, "lr_d": 5e-5, "beta1": 0.0, "beta2": 0.999,
+                  "n_critic": 5, "clip_value": 0.01, "gp_weight": 0.0},
+    },
+    "wgan-gp": {
+        "model": {"objective": "wasserstein-gp", "conditional": False, "critic_batchnorm": False, "aux_class_weight": 0.0},
+        "optim": {"optimizer": "adam", "lr_g": 1e-4, "lr_d": 1e-4, "beta1": 0.5, "beta2": 0.9,
+                  "n_critic": 5, "clip_value": None, "gp_weight": 10.0},
+    },
+}
+
+
+def preset(name: str) -> dict:
+    return copy.deepcopy(PRESETS[name])

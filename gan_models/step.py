@@ -1,0 +1,232 @@
+"""One training step, the single loop body that ``train``, ``run`` and ``tune`` share (on 1 process or N Ray
+workers alike): ``n_critic`` discriminator/critic phases, each on a fresh real batch, then one generator phase.
+
+A "step" counts generator updates, as in the WGAN paper's Algorithm 1.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gan_models.conditioning import AuxiliaryClassifier, check_labels
+from gan_models.networks import Discriminator, DiscriminatorBody, Generator, init_weights
+from gan_models.objectives import Objective, make_objective
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # images in [-1, 1], labels (int64; -1 = none)
+
+
+@dataclass
+class GANSpec:
+    """What the science needs to know; the pipeline's typed config maps onto it."""
+
+    resolution: int
+    channels: int
+    nz: int = 100
+    ngf: int = 64
+    ndf: int = 64
+    objective: str = "bce"
+    conditional: bool = False
+    num_classes: int = 10
+    critic_batchnorm: bool = True
+    aux_class_weight: float = 0.0
+    optimizer: str = "adam"
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    n_critic: int = 1
+    clip_value: Optional[float] = None
+    gp_weight: float = 0.0
+    precision: str = "fp32"
+
+    def __post_init__(self):
+        if self.n_critic < 1:
+            raise ValueError(f"n_critic must be >= 1, got {self.n_critic}")
+        if self.objective == "wasserstein" and self.clip_value is None:
+            raise ValueError("the wasserstein objective needs a clip value (WGAN clips critic weights to [-c, c])")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+
+
+@dataclass
+class GAN:
+    """Networks, optimizers and objective. ``generator``/``discriminator`` may be DDP-wrapped by the caller."""
+
+    spec: GANSpec
+    generator: nn.Module
+    discriminator: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    objective: Objective
+    aux_classifier: Optional[nn.Module] = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    scaler_g: Optional[torch.amp.GradScaler] = None
+    scaler_d: Optional[torch.amp.GradScaler] = None
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return self.spec.num_classes if self.spec.conditional else None
+
+    def autocast(self):
+        if self.spec.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.spec.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def noise(self, batch: int) -> torch.Tensor:
+        return torch.randn(batch, self.spec.nz, device=self.device)
+
+    def random_labels(self, batch: int) -> Optional[torch.Tensor]:
+        if not self.spec.conditional:
+            return None
+        return torch.randint(0, self.spec.num_classes, (batch,), device=self.device)
+
+
+def _optimizer(params, spec: GANSpec, lr: float) -> torch.optim.Optimizer:
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(spec.beta1, spec.beta2))
+    if spec.optimizer == "rmsprop":
+        # WGAN: momentum-based optimizers were unstable with the clipped critic; the paper uses RMSProp.
+        return torch.optim.RMSprop(params, lr=lr)
+    raise ValueError(f"unknown optimizer {spec.optimizer!r}; choose adam or rmsprop")
+
+
+def build_gan(spec: GANSpec, device: torch.device | str = "cpu", seed: int | None = None) -> GAN:
+    """Networks initialised as in DCGAN, optimizers and objective. ``seed`` fixes the initial weights."""
+    if spec.precision == "fp16" and torch.device(device).type == "cpu":
+        raise ValueError("fp16 autocast is for GPUs; on CPU use precision bf16")
+    device = torch.device(device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    num_classes = spec.num_classes if spec.conditional else None
+    generator = Generator(spec.nz, spec.channels, spec.resolution, spec.ngf, num_classes)
+    discriminator = Discriminator(spec.channels, spec.resolution, spec.ndf, spec.critic_batchnorm, num_classes)
+    generator.apply(init_weights)
+    discriminator.apply(init_weights)
+    aux = None
+    d_params = list(discriminator.parameters())
+    if spec.conditional and spec.aux_class_weight > 0:
+        body = DiscriminatorBody(spec.channels, spec.resolution, max(spec.ndf // 2, 8), batchnorm=True)
+        aux = AuxiliaryClassifier(body, body.out_channels, spec.num_classes)
+        aux.apply(init_weights)
+        aux.to(device)
+        d_params += list(aux.parameters())
+    generator.to(device)
+    discriminator.to(device)
+    objective = make_objective(spec.objective, spec.clip_value, spec.gp_weight)
+    # Clipping applies from the first critic evaluation, not only after the first update.
+    objective.constrain(discriminator)
+    fp16 = spec.precision == "fp16"
+    return GAN(
+        spec=spec,
+        generator=generator,
+        discriminator=discriminator,
+        opt_g=_optimizer(generator.parameters(), spec, spec.lr_g),
+        opt_d=_optimizer(d_params, spec, spec.lr_d),
+        objective=objective,
+        aux_classifier=aux,
+        device=device,
+        scaler_g=torch.amp.GradScaler(device.type) if fp16 else None,
+        scaler_d=torch.amp.GradScaler(device.type) if fp16 else None,
+    )
+
+
+def _no_sync(module: nn.Module):
+    """The generator phase backpropagates through D only to reach G: D's gradients are thrown away,
+    so DDP need not all-reduce them."""
+    return module.no_sync() if hasattr(module, "no_sync") else contextlib.nullcontext()
+
+
+def _backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler) -> torch.Tensor:
+    """Backward, step, and the (unscaled) gradient norm of the optimizer's parameters."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss.new_zeros(())
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    return norm.detach()
+
+
+def discriminator_phase(gan: GAN, real: torch.Tensor, real_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    batch = real.shape[0]
+    cond = gan.spec.conditional
+    d_labels = real_labels if cond else None
+    fake_labels = gan.random_labels(batch)
+    with torch.no_grad(), gan.autocast():
+        fake = gan.generator(gan.noise(batch), fake_labels)
+    with gan.autocast():
+        real_scores = gan.discriminator(real, d_labels)
+        fake_scores = gan.discriminator(fake, fake_labels)
+    loss = gan.objective.discriminator_loss(real_scores, fake_scores)
+    stats = {"d_real": real_scores.detach().float().mean(), "d_fake": fake_scores.detach().float().mean()}
+    if gan.objective.uses_penalty:
+        penalty = gan.objective.penalty(lambda x: gan.discriminator(x, d_labels), real, fake.float())
+        stats["gradient_penalty"] = penalty.detach()
+        loss = loss + penalty
+    if gan.aux_classifier is not None:
+        with gan.autocast():
+            aux_logits = gan.aux_classifier(real)
+        aux_loss = F.cross_entropy(aux_logits.float(), real_labels)
+        stats["aux_loss_real"] = aux_loss.detach()
+        loss = loss + aux_loss
+    stats["d_grad_norm"] = _backward_and_step(loss, gan.opt_d, gan.scaler_d)
+    gan.objective.constrain(unwrap(gan.discriminator))
+    stats["d_loss"] = loss.detach()
+    if gan.objective.name != "bce":
+        stats["wasserstein_estimate"] = stats["d_real"] - stats["d_fake"]
+    return stats
+
+
+def generator_phase(gan: GAN, batch: int) -> dict[str, torch.Tensor]:
+    labels = gan.random_labels(batch)
+    with gan.autocast():
+        fake = gan.generator(gan.noise(batch), labels)
+    with _no_sync(gan.discriminator), gan.autocast():
+        scores = gan.discriminator(fake, labels)
+    loss = gan.objective.generator_loss(scores)
+    stats = {}
+    if gan.aux_classifier is not None:
+        with _no_sync(gan.aux_classifier), gan.autocast():
+            aux_logits = gan.aux_classifier(fake)
+        aux_loss = F.cross_entropy(aux_logits.float(), labels)
+        stats["aux_loss_fake"] = aux_loss.detach()
+        loss = loss + gan.spec.aux_class_weight * aux_loss
+    stats["g_grad_norm"] = _backward_and_step(loss, gan.opt_g, gan.scaler_g)
+    stats["g_loss"] = loss.detach()
+    return stats
+
+
+def train_step(gan: GAN, batches: Iterator[Batch]) -> dict[str, torch.Tensor]:
+    """``n_critic`` critic updates (each on the next real batch), then one generator update.
+
+    Returns detached tensors: callers convert to floats only when they log, so no step waits on a
+    device-to-host copy.
+    """
+    stats: dict[str, torch.Tensor] = {}
+    gan.generator.train()
+    gan.discriminator.train()
+    for _ in range(gan.spec.n_critic):
+        real, labels = next(batches)
+        if gan.spec.conditional:
+            check_labels(labels, gan.spec.num_classes)
+        stats = discriminator_phase(gan, real, labels)
+    stats.update(generator_phase(gan, real.shape[0]))
+    return stats
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain network inside a DDP wrapper (or the module itself)."""
+    return getattr(module, "module", module)

@@ -1,0 +1,135 @@
+"""Checkpoints: plain state dicts and tensors, written with ``torch.save`` and read back with
+``torch.load(weights_only=True)``, so loading one never runs pickled code.
+
+A checkpoint directory holds:
+    state.pt            G, D, (aux), both optimizers, grad scalers, progress counters (noise is reseeded per checkpoint)
+    generator.pt        G's weights alone (what evaluate/register need)
+    config.json         the resolved PipelineConfig and the data geometry
+    pending_metrics.json  metrics produced since the previous checkpoint (committed to MLflow after this one)
+    samples/*.png       fixed-noise grids produced since the previous checkpoint
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from gan_models import GAN, GANSpec, Generator, unwrap
+from pipelines.errors import UserError
+
+STATE_FILE = "state.pt"
+GENERATOR_FILE = "generator.pt"
+CONFIG_FILE = "config.json"
+PENDING_METRICS_FILE = "pending_metrics.json"
+SAMPLES_DIR = "samples"
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def write_checkpoint(directory: Path, gan: GAN, progress: dict[str, int], run_config: dict,
+                     pending_metrics: list, sample_pngs: dict[str, bytes]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        "generator": unwrap(gan.generator).state_dict(),
+        "discriminator": unwrap(gan.discriminator).state_dict(),
+        "opt_g": gan.opt_g.state_dict(),
+        "opt_d": gan.opt_d.state_dict(),
+        "progress": dict(progress),
+    }
+    if gan.aux_classifier is not None:
+        state["aux_classifier"] = unwrap(gan.aux_classifier).state_dict()
+    for name, scaler in (("scaler_g", gan.scaler_g), ("scaler_d", gan.scaler_d)):
+        if scaler is not None:
+            state[name] = scaler.state_dict()
+    _atomic_torch_save(state, directory / STATE_FILE)
+    _atomic_torch_save(unwrap(gan.generator).state_dict(), directory / GENERATOR_FILE)
+    _atomic_write_text(directory / CONFIG_FILE, json.dumps(run_config, indent=2, sort_keys=True))
+    _atomic_write_text(directory / PENDING_METRICS_FILE, json.dumps(pending_metrics))
+    if sample_pngs:
+        (directory / SAMPLES_DIR).mkdir(exist_ok=True)
+        for name, data in sample_pngs.items():
+            (directory / SAMPLES_DIR / name).write_bytes(data)
+
+
+def safe_load(path: Path) -> Any:
+    """``torch.load`` restricted to tensors and plain containers; a planted pickle is refused, not executed."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing; is {path.parent} a gan-pipeline checkpoint?")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refused to load {path}: it holds objects other than tensors and plain containers "
+            f"(weights_only=True). gan-pipeline never unpickles arbitrary code; only load checkpoints you made."
+            f"\n  detail: {str(exc).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError) as exc:
+        raise CheckpointError(f"checkpoint file {path} is unreadable or truncated: {exc}") from None
+
+
+def restore(gan: GAN, directory: Path) -> dict[str, int]:
+    """Load a checkpoint into ``gan`` (before DDP wrapping); return its progress counters."""
+    state = safe_load(Path(directory) / STATE_FILE)
+    unwrap(gan.generator).load_state_dict(state["generator"])
+    unwrap(gan.discriminator).load_state_dict(state["discriminator"])
+    if gan.aux_classifier is not None:
+        unwrap(gan.aux_classifier).load_state_dict(state["aux_classifier"])
+    gan.opt_g.load_state_dict(state["opt_g"])
+    gan.opt_d.load_state_dict(state["opt_d"])
+    for name in ("scaler_g", "scaler_d"):
+        if name in state and getattr(gan, name) is not None:
+            getattr(gan, name).load_state_dict(state[name])
+    return {k: int(v) for k, v in state["progress"].items()}
+
+
+def read_run_config(directory: Path) -> dict:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a gan-pipeline checkpoint: {CONFIG_FILE} is missing")
+    return json.loads(path.read_text())
+
+
+def read_pending_metrics(directory: Path) -> list:
+    path = Path(directory) / PENDING_METRICS_FILE
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def load_generator(directory: Path, device: str = "cpu") -> tuple[Generator, GANSpec, dict]:
+    """The generator of a checkpoint (or of a run's ``generator`` artifact dir), in eval mode."""
+    run_config = read_run_config(directory)
+    spec = GANSpec(**run_config["gan_spec"])
+    num_classes = spec.num_classes if spec.conditional else None
+    generator = Generator(spec.nz, spec.channels, spec.resolution, spec.ngf, num_classes)
+    generator.load_state_dict(safe_load(Path(directory) / GENERATOR_FILE))
+    return generator.to(device).eval(), spec, run_config
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest ``checkpoint_*`` directory under a Ray Train run directory that holds a complete state."""
+    candidates = sorted(p for p in Path(run_dir).glob("checkpoint_*") if (p / STATE_FILE).is_file())
+    return candidates[-1] if candidates else None

@@ -1,0 +1,70 @@
+"""Ray: a local instance sized so nested work cannot starve, or an existing cluster (``--address``)."""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+from pipelines.errors import UserError
+
+
+class ClusterError(UserError):
+    pass
+
+
+@contextlib.contextmanager
+def ray_session(address: Optional[str], cpus_needed: int, gpus_needed: int = 0,
+                env: Optional[dict[str, str]] = None) -> Iterator[None]:
+    """Start (and cleanly stop) a local Ray instance, or join ``address``; check up front that the work fits.
+
+    Locally, logical CPUs are declared as ``max(cores, cpus_needed)``: a worker's CPU is a scheduling token,
+    the real thread count is set per worker (``torch.set_num_threads``), so 4 workers on 2 cores share them
+    instead of waiting forever for CPUs that do not exist.
+    """
+    import ray
+
+    if ray.is_initialized():  # inside a Tune trial or a caller's session: theirs to manage
+        yield
+        return
+    # Ray Train's print patch would echo every progress line twice (stdout and its logger).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    runtime_env = {"env_vars": dict(env or {})}
+    quiet = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
+    if address:
+        try:
+            ray.init(address=address, runtime_env=runtime_env, **quiet)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ClusterError(f"cannot join the Ray cluster at {address!r}: {exc}. Is `ray start --head` running "
+                               f"there, and is the address right (auto, host:6379, ray://host:10001)?") from None
+    else:
+        gpus = None
+        if gpus_needed:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        # The dashboard binds 127.0.0.1 unless told otherwise; Ray Train's state API needs it.
+        ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), num_gpus=gpus, runtime_env=runtime_env,
+                 dashboard_host="127.0.0.1", **quiet)
+    try:
+        _check_fits(cpus_needed, gpus_needed, address)
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _check_fits(cpus_needed: int, gpus_needed: int, address: Optional[str]) -> None:
+    """Asking for more than the cluster can ever give is an error now, not a hang later."""
+    import ray
+
+    total = ray.cluster_resources()
+    where = f"the Ray cluster at {address}" if address else "this machine's local Ray instance"
+    if gpus_needed > total.get("GPU", 0):
+        raise ClusterError(f"the run needs {gpus_needed} GPU(s) but {where} has {int(total.get('GPU', 0))}; "
+                           f"drop --gpu or lower --workers")
+    if cpus_needed > total.get("CPU", 0) and not _autoscaling():
+        raise ClusterError(f"the run needs {cpus_needed} CPUs but {where} has {int(total.get('CPU', 0))}; "
+                           f"lower --workers (or --max-concurrent for tune)")
+
+
+def _autoscaling() -> bool:
+    return os.environ.get("GAN_PIPELINE_AUTOSCALING", "") == "1"

@@ -1,0 +1,252 @@
+"""The one typed configuration that flows from the CLI or a YAML file through every stage.
+
+Precedence, lowest first: the model preset (``gan_models.presets``), a YAML file (``--config``), CLI options.
+Unknown keys and wrong types are errors, never silently ignored. Stages receive a ``PipelineConfig`` and never
+re-parse options.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gan_models.presets import PRESETS, preset
+
+SUPPORTED_RESOLUTIONS = (28, 32, 64)
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "imagefolder")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who typed it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Architecture, objective and conditioning. Defaults come from the preset named by ``name``."""
+
+    name: Literal["dcgan", "cgan", "wgan", "wgan-gp"] = "dcgan"
+    objective: Literal["bce", "wasserstein", "wasserstein-gp"] = "bce"
+    conditional: bool = False
+    num_classes: int = Field(10, ge=2)
+    aux_class_weight: float = Field(0.0, ge=0.0)
+    critic_batchnorm: bool = True
+    nz: int = Field(100, ge=1)
+    ngf: int = Field(64, ge=4)
+    ndf: int = Field(64, ge=4)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelConfig":
+        if self.objective == "wasserstein-gp" and self.critic_batchnorm:
+            raise ValueError(
+                "critic_batchnorm=true with objective wasserstein-gp: the gradient penalty is per-sample and "
+                "batch norm couples samples; set model.critic_batchnorm: false"
+            )
+        if self.aux_class_weight > 0 and not self.conditional:
+            raise ValueError("aux_class_weight > 0 needs conditional: true (the term pushes samples to their label)")
+        return self
+
+
+class OptimConfig(_Strict):
+    optimizer: Literal["adam", "rmsprop"] = "adam"
+    lr_g: float = Field(2e-4, gt=0)
+    lr_d: float = Field(2e-4, gt=0)
+    beta1: float = Field(0.5, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    n_critic: int = Field(1, ge=1, description="critic updates per generator update")
+    clip_value: Optional[float] = Field(None, gt=0, description="WGAN weight clipping bound c")
+    gp_weight: float = Field(0.0, ge=0, description="WGAN-GP penalty weight lambda")
+
+
+class DataConfig(_Strict):
+    dataset: Literal["mnist", "fashion-mnist", "cifar10", "imagefolder"] = "mnist"
+    source: Optional[str] = Field(None, description="folder with the dataset's original files")
+    path: Optional[str] = Field(None, description="prepared dataset (local dir or pyarrow URI); default under runs dir")
+    resolution: Optional[int] = Field(None, description="pixels; default: the dataset's native size")
+    channels: Optional[int] = Field(None, description="1 or 3; default: the dataset's own")
+    heldout_fraction: float = Field(1 / 7, gt=0, lt=1, description="used where a dataset has no test split")
+    shard_rows: int = Field(10_000, ge=100)
+    strict: bool = False
+    download: bool = False
+    limit: Optional[int] = Field(
+        None, ge=1, description="keep only the first N examples of each split (tests, quick runs); none = all"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.resolution is not None and self.resolution not in SUPPORTED_RESOLUTIONS:
+            raise ValueError(f"resolution {self.resolution} is not supported; use one of {SUPPORTED_RESOLUTIONS}")
+        if self.channels is not None and self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if self.dataset == "imagefolder" and not self.source:
+            raise ValueError("dataset imagefolder needs data.source (the folder of images)")
+        return self
+
+
+class TrainConfig(_Strict):
+    workers: int = Field(1, ge=1)
+    gpu: bool = False
+    address: Optional[str] = Field(None, description="Ray cluster to join: auto, ray://host:10001; none = local")
+    epochs: int = Field(3, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1, description="generator steps; wins over epochs")
+    batch_size: int = Field(64, ge=2, description="per worker")
+    seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    checkpoint_every: int = Field(200, ge=1, description="generator steps between checkpoints")
+    keep_checkpoints: int = Field(3, ge=1)
+    log_every: int = Field(10, ge=1)
+    sample_every: int = Field(200, ge=1)
+    max_failures: int = Field(0, ge=0)
+    storage_path: Optional[str] = Field(None, description="checkpoints (local, NFS or cloud URI); default runs dir")
+    threads_per_worker: Optional[int] = Field(None, ge=1)
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: Optional[str] = Field(None, description="default: MLFLOW_TRACKING_URI, else sqlite in cwd")
+    experiment: str = "gan-pipeline"
+
+
+class EvalConfig(_Strict):
+    num_samples: int = Field(10_000, ge=10)
+    batch_size: int = Field(500, ge=1)
+    seed: int = 1234
+    inception: bool = True
+    inception_weights: Optional[str] = None
+    kid_subset_size: int = Field(1000, ge=2)
+    classifier_epochs: int = Field(2, ge=1)
+    kid_num_subsets: int = Field(100, ge=1, description="random subsets KID is averaged over")
+    precision_recall_k: int = Field(3, ge=1, description="k of the k-NN radii for precision/recall")
+    density_coverage_k: int = Field(5, ge=1, description="k of the k-NN radii for density/coverage")
+    classifier_score_splits: int = Field(1, ge=1, description="splits for the classifier score's mean/std")
+    inception_num_samples: Optional[int] = Field(
+        None, ge=2, description="cap on images per side through Inception (slow on CPU); none = all")
+    metrics: Optional[list[str]] = Field(
+        None, description="metric names from pipelines.metrics.METRICS; none = every one that applies")
+
+
+class RegisterConfig(_Strict):
+    name: Optional[str] = Field(None, description="registered model name; default <dataset>-<model>")
+    alias: str = "candidate"
+    promote_metric: str = "domain_fd"
+    promote: bool = False
+
+
+class TuneConfig(_Strict):
+    samples: int = Field(4, ge=1)
+    workers_per_trial: int = Field(1, ge=1)
+    max_concurrent: Optional[int] = Field(None, ge=1)
+    scheduler: Literal["asha", "fifo"] = "asha"
+    search: Literal["random", "optuna"] = "random"
+    metric: str = "domain_fd"
+    report_every: int = Field(50, ge=1)
+    report_samples: int = Field(1000, ge=100)
+    space: Optional[dict[str, Any]] = None
+
+
+class PipelineConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    eval: EvalConfig = EvalConfig()
+    registry: RegisterConfig = RegisterConfig()
+    tune: TuneConfig = TuneConfig()
+    runs_dir: str = "gan-runs"
+
+    # ---- derived values: one place, so no stage recomputes them differently
+    @property
+    def resolved_tracking_uri(self) -> str:
+        uri = self.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if uri:
+            return uri
+        # Ray workers have their own working directory: a relative sqlite URI would point elsewhere there.
+        return f"sqlite:///{Path('mlflow.db').resolve()}"
+
+    @property
+    def registered_name(self) -> str:
+        return self.registry.name or f"{self.data.dataset}-{self.model.name}"
+
+    def flat(self) -> dict[str, Any]:
+        """``section.key -> value`` for logging as MLflow params."""
+        out: dict[str, Any] = {}
+        for section, values in self.model_dump().items():
+            if isinstance(values, dict):
+                for key, value in values.items():
+                    out[f"{section}.{key}"] = value
+            else:
+                out[section] = values
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key; check the spelling (gan-pipeline train --dry-run prints every valid key)"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (model:, optim:, ...), got {type(data).__name__}")
+    return data
+
+
+def build_config(
+    model: Optional[str] = None,
+    yaml_path: Optional[str | Path] = None,
+    overrides: Optional[dict[str, dict[str, Any]]] = None,
+) -> PipelineConfig:
+    """Preset <- YAML <- CLI overrides (``{"train": {"workers": 4}}``; ``None`` values mean 'not given')."""
+    file_values = read_yaml(yaml_path) if yaml_path else {}
+    origin = f"{yaml_path} and command line" if yaml_path else "command line"
+    name = model or (file_values.get("model") or {}).get("name") or "dcgan"
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
+    cli = {
+        section: {k: v for k, v in values.items() if v is not None}
+        for section, values in (overrides or {}).items()
+    }
+    merged = _deep_merge(_deep_merge(preset(name), file_values), cli)
+    merged.setdefault("model", {})["name"] = name
+    try:
+        return PipelineConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, origin)) from None
+
+
+def config_from_dict(values: dict) -> PipelineConfig:
+    """Rebuild a config recorded in a checkpoint or an MLflow run."""
+    try:
+        return PipelineConfig.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, "recorded config")) from None

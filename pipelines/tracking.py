@@ -1,0 +1,182 @@
+"""MLflow: reachability, run creation, and exactly-once metric commits.
+
+Metrics and sample grids are produced every few steps but committed to MLflow only after the checkpoint that
+covers them is persisted (they travel inside it). A run that resumes from checkpoint step S replays steps > S,
+so committing earlier would leave duplicates; committing later would lose steps if the process died between
+checkpoint and commit, which is why the checkpoint carries the pending metrics and a resumed rank 0 commits
+them if MLflow does not have them yet.
+"""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterable, Optional
+
+from pipelines.errors import TrackingUnavailable
+
+# Keys logged every log step; the first one tells how far a run's committed history goes.
+PROGRESS_METRIC = "g_loss"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, before any compute, when the tracking server cannot be reached."""
+    if not uri.startswith(("http://", "https://")):
+        if uri.startswith("file:") or (not uri.startswith("sqlite:") and "://" not in uri):
+            raise TrackingUnavailable(
+                f"tracking URI {uri!r} is a file store, which MLflow 3 refuses; use sqlite:///abs/path/mlflow.db "
+                f"or an http(s):// server"
+            )
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            if response.status == 200:
+                return
+            detail = f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        detail = f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        detail = str(getattr(exc, "reason", exc))
+    raise TrackingUnavailable(
+        f"MLflow tracking server {uri} is unreachable ({detail}); start it (mlflow server --host 127.0.0.1 ...) "
+        f"or point --tracking-uri / MLFLOW_TRACKING_URI elsewhere. Nothing was trained."
+    )
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(mlflow_client, name: str) -> str:
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return mlflow_client.create_experiment(name)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gan-pipeline")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+_SECRET_MARKERS = ("password", "secret", "token", "key_id", "access_key", "credential")
+
+
+def redact(params: dict) -> dict:
+    """Never log credentials: URIs with user:password@ lose it, secret-looking keys are masked."""
+    out = {}
+    for key, value in params.items():
+        text = "" if value is None else str(value)
+        if any(marker in key.lower() for marker in _SECRET_MARKERS):
+            text = "***"
+        elif "://" in text and "@" in text.split("://", 1)[1].split("/", 1)[0]:
+            scheme, rest = text.split("://", 1)
+            text = f"{scheme}://***@{rest.split('@', 1)[1]}"
+        out[key] = text
+    return out
+
+
+def log_params(mlflow_client, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v[:6000]) for k, v in redact(params).items()]
+    for start in range(0, len(items), 100):
+        mlflow_client.log_batch(run_id, params=items[start:start + 100])
+
+
+def committed_step(mlflow_client, run_id: str) -> int:
+    """The last step whose metrics MLflow holds (-1 when none)."""
+    history = mlflow_client.get_metric_history(run_id, PROGRESS_METRIC)
+    return max((m.step for m in history), default=-1)
+
+
+def commit_metrics(mlflow_client, run_id: str, pending: Iterable[tuple[int, dict[str, float]]],
+                   after_step: int = -1, retries: int = 5) -> int:
+    """Log ``(step, {name: value})`` entries with step > ``after_step``; retried with backoff so a
+    restarting server does not lose them. Returns the number of values logged."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(name, float(value), now, step) for step, values in pending if step > after_step
+               for name, value in values.items()]
+    for start in range(0, len(metrics), 1000):
+        chunk = metrics[start:start + 1000]
+        for attempt in range(retries):
+            try:
+                mlflow_client.log_batch(run_id, metrics=chunk)
+                break
+            except Exception as exc:  # noqa: BLE001 - any transport error: retry, then say what was lost
+                if attempt == retries - 1:
+                    print(f"WARNING: {len(chunk)} metric values (steps {chunk[0].step}-{chunk[-1].step}) could not "
+                          f"be logged to MLflow after {retries} tries and are lost: {exc}", flush=True)
+                else:
+                    time.sleep(min(2 ** attempt, 10))
+    return len(metrics)
+
+
+def commit_images(mlflow_client, run_id: str, pngs: dict[str, bytes]) -> None:
+    """Sample grids, named ``<key>_step<N>.png``, as images on MLflow's step slider."""
+    from PIL import Image
+
+    for name, data in sorted(pngs.items()):
+        key, step = name.rsplit("_step", 1)
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        try:
+            mlflow_client.log_image(run_id, image, key=key, step=int(step.split(".")[0]))
+        except Exception as exc:  # noqa: BLE001
+            print(f"WARNING: sample grid {name} could not be logged to MLflow: {exc}", flush=True)
+
+
+def tracking_env(uri: str) -> dict[str, str]:
+    """Environment that Ray workers need to reach the same store (absolute URI, credentials passed on)."""
+    env = {"MLFLOW_TRACKING_URI": uri}
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                 "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    return env
+
+
+def loss_curve_png(mlflow_client, run_id: str, keys: Optional[list[str]] = None) -> bytes:
+    """A figure of the loss curves from the run's committed history."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = keys or ["d_loss", "g_loss", "wasserstein_estimate", "gradient_penalty"]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for key in keys:
+        history = sorted(mlflow_client.get_metric_history(run_id, key), key=lambda m: m.step)
+        if history:
+            ax.plot([m.step for m in history], [m.value for m in history], label=key, linewidth=1)
+    ax.set_xlabel("generator step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

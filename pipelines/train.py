@@ -1,0 +1,234 @@
+"""The ``train`` stage: a Ray Train ``TorchTrainer`` over ``pipelines.loop``, one MLflow run, resumable.
+
+``fit`` is the one way training is launched: ``train``, ``run`` and each ``tune`` trial call it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from pipelines import checkpoints, tracking
+from pipelines.cluster import ray_session
+from pipelines.config import PipelineConfig, config_from_dict
+from pipelines.errors import TrainingDiverged, UserError
+from pipelines.loop import DIVERGED_TAG, train_loop_per_worker
+
+RUN_RECORD = "gan-pipeline-run.json"
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    run_id: str
+    checkpoint_dir: str
+    steps: int
+    seconds: float
+    data_path: str
+    manifest_hash: str
+
+
+def storage_root(cfg: PipelineConfig) -> str:
+    """Checkpoints go here: a local path (made absolute; Ray needs it) or a cloud/NFS URI, kept as given."""
+    path = cfg.train.storage_path or os.path.join(cfg.runs_dir, "checkpoints")
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def ensure_dataset(cfg: PipelineConfig):
+    """The prepared dataset named by ``data.path``, else the configured dataset prepared now (a no-op when
+    it exists with the same inputs)."""
+    from pipelines.data.reader import load_manifest
+    from pipelines.prepare import prepare_dataset
+
+    if cfg.data.path:
+        manifest = load_manifest(cfg.data.path)
+        return _absolute(cfg.data.path), manifest
+    prepared = prepare_dataset(cfg.data, runs_dir=cfg.runs_dir)
+    return _absolute(prepared.path), prepared.manifest
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def _record_path(cfg: PipelineConfig, run_name: str) -> Path:
+    return Path(cfg.runs_dir) / "train" / f"{run_name}.json"
+
+
+def _write_record(cfg: PipelineConfig, record: dict) -> None:
+    path = _record_path(cfg, record["run_name"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+
+
+def load_record(cfg: PipelineConfig, run: str) -> dict:
+    path = _record_path(cfg, run)
+    if path.is_file():
+        return json.loads(path.read_text())
+    known = sorted(p.stem for p in _record_path(cfg, "x").parent.glob("*.json"))
+    raise UserError(f"no training run named {run!r} under {path.parent}; known runs: {', '.join(known) or 'none'}. "
+                    f"Pass the run name printed at the start of training (and the same --runs-dir).")
+
+
+def build_trainer(cfg: PipelineConfig, *, run_name: str, run_id: str, data_path: str, tracking_uri: str,
+                  callbacks: Sequence = (), report_hook: Optional[Callable] = None, storage: Optional[str] = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.train
+    resources = {"CPU": t.threads_per_worker or 1}
+    if t.gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "data_path": data_path, "run_id": run_id,
+                           "tracking_uri": tracking_uri, "threads": t.threads_per_worker,
+                           "report_hook": report_hook},
+        scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if t.gpu else "gloo"),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage or storage_root(cfg),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def fit(trainer, mlflow_client, run_id: str):
+    """Run the trainer; a diverged run is an error (the loop stops all ranks and tags the MLflow run)."""
+    from ray.train.v2.api.exceptions import TrainingFailedError
+
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as exc:
+        raise UserError(f"training failed: {exc}") from exc
+    tag = mlflow_client.get_run(run_id).data.tags.get(DIVERGED_TAG)
+    if tag:
+        raise TrainingDiverged(
+            f"training diverged ({tag}). The last good checkpoint is kept; lower the learning rates "
+            f"(--lr-g/--lr-d) or, for WGAN, the clip value, and train again."
+        )
+    return result
+
+
+def _new_run(cfg: PipelineConfig, mlflow_client, run_name: str, data_path: str, manifest: dict) -> str:
+    exp_id = tracking.experiment_id(mlflow_client, cfg.tracking.experiment)
+    run = mlflow_client.create_run(exp_id, run_name=run_name, tags={
+        "gan_pipeline.model": cfg.model.name, "gan_pipeline.dataset": manifest["dataset"],
+        "gan_pipeline.stage": "train", "gan_pipeline.run_name": run_name,
+    })
+    run_id = run.info.run_id
+    params = cfg.flat()
+    params.update({"data.manifest_hash": manifest["manifest_hash"], "data.resolved_path": data_path,
+                   "package_version": tracking.package_version(), "git_commit": tracking.git_commit()})
+    tracking.log_params(mlflow_client, run_id, params)
+    mlflow_client.log_dict(run_id, cfg.model_dump(mode="json"), "config.json")
+    return run_id
+
+
+def train_stage(cfg: PipelineConfig, run_name: Optional[str] = None, resume: Optional[str] = None,
+                console_print: Callable[[str], None] = print) -> TrainResult:
+    uri = cfg.resolved_tracking_uri
+    tracking.check_reachable(uri)
+    mlflow_client = tracking.client(uri)
+    if resume:
+        record = load_record(cfg, resume)
+        cfg = config_from_dict(record["config"])
+        run_name, run_id, data_path = record["run_name"], record["run_id"], record["data_path"]
+        from pipelines.data.reader import load_manifest
+
+        manifest = load_manifest(data_path)
+        mlflow_client.update_run(run_id, status="RUNNING")
+        console_print(f"[gan-pipeline] resuming {run_name} (MLflow run {run_id}) from its last checkpoint")
+    else:
+        data_path, manifest = ensure_dataset(cfg)
+        run_name = run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if _record_path(cfg, run_name).exists():
+            raise UserError(f"a training run named {run_name!r} exists; resume it with --resume {run_name} "
+                            f"or choose another --run-name")
+        run_id = _new_run(cfg, mlflow_client, run_name, data_path, manifest)
+        _write_record(cfg, {"run_name": run_name, "run_id": run_id, "data_path": data_path,
+                            "storage": storage_root(cfg), "config": cfg.model_dump(mode="json"),
+                            "tracking_uri": uri})
+        console_print(f"[gan-pipeline] training {run_name}: {cfg.model.name} on {manifest['dataset']} "
+                      f"with {cfg.train.workers} worker(s); MLflow run {run_id}")
+    return run_training(cfg, mlflow_client, uri, run_name, run_id, data_path, manifest, console_print)
+
+
+def run_training(cfg: PipelineConfig, mlflow_client, uri: str, run_name: str, run_id: str, data_path: str,
+                 manifest: dict, console_print: Callable[[str], None] = print) -> TrainResult:
+    import mlflow
+
+    start = time.perf_counter()
+    workers = cfg.train.workers
+    cpus = workers * (cfg.train.threads_per_worker or 1)
+    mlflow.set_tracking_uri(uri)
+    status = "FAILED"
+    try:
+        with ray_session(cfg.train.address, cpus_needed=cpus, gpus_needed=workers if cfg.train.gpu else 0,
+                         env=tracking.tracking_env(uri)):
+            trainer = build_trainer(cfg, run_name=run_name, run_id=run_id, data_path=data_path, tracking_uri=uri)
+            with _system_metrics(run_id):
+                result = fit(trainer, mlflow_client, run_id)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if status != "FINISHED":
+            mlflow_client.set_terminated(run_id, status=status)
+    seconds = time.perf_counter() - start
+    checkpoint_dir = result.checkpoint.path
+    with result.checkpoint.as_directory() as local_dir:  # a local copy where storage is remote
+        finish_run(mlflow_client, run_id, Path(local_dir), checkpoint_dir, storage_root(cfg), run_name)
+        steps = checkpoints.safe_load(Path(local_dir) / checkpoints.STATE_FILE)["progress"]["step"]
+    console_print(f"[gan-pipeline] trained {run_name}: {steps} steps in {seconds:.0f}s; MLflow run {run_id}; "
+                  f"checkpoints in {Path(checkpoint_dir).parent}")
+    return TrainResult(run_name, run_id, checkpoint_dir, int(steps), seconds, data_path, manifest["manifest_hash"])
+
+
+class _system_metrics:
+    """MLflow system metrics (CPU, memory, GPU) of the driver's node for the run's duration."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.monitor = None
+
+    def __enter__(self):
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10, samples_before_logging=1)
+            self.monitor.start()
+        except Exception as exc:  # noqa: BLE001 - optional telemetry must not stop training
+            print(f"[gan-pipeline] system metrics off: {exc}", flush=True)
+            self.monitor = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.monitor is not None:
+            self.monitor.finish()
+        return False
+
+
+def finish_run(mlflow_client, run_id: str, ckpt: Path, checkpoint_uri: str, storage: str, run_name: str) -> None:
+    """Generator weights + config as run artifacts (what evaluate/register read), a loss-curve figure,
+    where the checkpoints are, and the run marked finished."""
+    for name in (checkpoints.GENERATOR_FILE, checkpoints.CONFIG_FILE):
+        mlflow_client.log_artifact(run_id, str(ckpt / name), artifact_path="generator")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        curve = Path(tmp) / "loss_curves.png"
+        curve.write_bytes(tracking.loss_curve_png(mlflow_client, run_id))
+        mlflow_client.log_artifact(run_id, str(curve))
+    mlflow_client.set_tag(run_id, "gan_pipeline.checkpoint_dir", checkpoint_uri)
+    mlflow_client.set_tag(run_id, "gan_pipeline.storage", f"{storage}/{run_name}")
+    mlflow_client.set_terminated(run_id, status="FINISHED")

@@ -1,0 +1,48 @@
+"""DCGAN: the non-saturating BCE objective and Adam(2e-4, beta1 0.5) of the paper."""
+import math
+
+import pytest
+import torch
+
+from gan_models import GANSpec, NonSaturatingBCE, build_gan, train_step
+from tests.helpers import constant_batches
+
+
+def test_bce_losses_match_the_formulas():
+    real = torch.tensor([2.0, -1.0])
+    fake = torch.tensor([0.5, -3.0])
+    obj = NonSaturatingBCE()
+    sig = torch.sigmoid
+    expected_d = -(torch.log(sig(real)).mean() + torch.log(1 - sig(fake)).mean())
+    expected_g = -torch.log(sig(fake)).mean()
+    assert obj.discriminator_loss(real, fake).item() == pytest.approx(expected_d.item(), rel=1e-6)
+    assert obj.generator_loss(fake).item() == pytest.approx(expected_g.item(), rel=1e-6)
+
+
+def test_bce_is_stable_for_extreme_scores():
+    obj = NonSaturatingBCE()
+    assert math.isfinite(obj.discriminator_loss(torch.tensor([1e4]), torch.tensor([-1e4])).item())
+    assert obj.generator_loss(torch.tensor([-1e4])).item() == pytest.approx(1e4)
+
+
+def test_adam_with_paper_hyperparameters_and_one_d_step_per_g_step():
+    gan = build_gan(GANSpec(resolution=28, channels=1, ngf=8, ndf=8, nz=16), seed=0)
+    assert isinstance(gan.opt_g, torch.optim.Adam) and isinstance(gan.opt_d, torch.optim.Adam)
+    group = gan.opt_d.param_groups[0]
+    assert group["lr"] == 2e-4 and group["betas"] == (0.5, 0.999)
+    batches = constant_batches(8, 1, 28)
+    stats = train_step(gan, batches)
+    assert batches.drawn == 1
+    assert {"d_loss", "g_loss", "d_real", "d_fake", "d_grad_norm", "g_grad_norm"} <= set(stats)
+
+
+def test_same_seed_same_weights():
+    def run():
+        gan = build_gan(GANSpec(resolution=28, channels=1, ngf=8, ndf=8, nz=16), seed=3)
+        torch.manual_seed(3)
+        batches = constant_batches(8, 1, 28, seed=1)
+        for _ in range(3):
+            train_step(gan, batches)
+        return torch.cat([p.flatten() for p in gan.generator.parameters()])
+
+    assert torch.equal(run(), run())
