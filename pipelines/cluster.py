@@ -14,10 +14,12 @@ class ClusterError(UserError):
 
 @contextlib.contextmanager
 def ray_session(address: Optional[str], cpus_needed: int, gpus_needed: int = 0,
-                env: Optional[dict[str, str]] = None) -> Iterator[None]:
+                env: Optional[dict[str, str]] = None, declare_cpus: Optional[int] = None) -> Iterator[None]:
     """Start (and cleanly stop) a local Ray instance, or join ``address``; check up front that the work fits.
 
-    Locally, logical CPUs are declared as ``max(cores, cpus_needed)``: a worker's CPU is a scheduling token,
+    ``cpus_needed``: what one unit of work (a training run, a Tune trial) needs; ``declare_cpus``: what the local
+    instance should offer in all (several concurrent trials). Locally, logical CPUs are declared as
+    ``max(cores, cpus_needed, declare_cpus)``: a worker's CPU is a scheduling token,
     the real thread count is set per worker (``torch.set_num_threads``), so 4 workers on 2 cores share them
     instead of waiting forever for CPUs that do not exist.
     """
@@ -43,7 +45,8 @@ def ray_session(address: Optional[str], cpus_needed: int, gpus_needed: int = 0,
 
             gpus = torch.cuda.device_count()
         # The dashboard binds 127.0.0.1 unless told otherwise; Ray Train's state API needs it.
-        ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), num_gpus=gpus, runtime_env=runtime_env,
+        # address="local": always a fresh instance, never a cluster that `ray start` left on this machine.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed, declare_cpus or 0), num_gpus=gpus, runtime_env=runtime_env,
                  dashboard_host="127.0.0.1", **quiet)
     try:
         _check_fits(cpus_needed, gpus_needed, address)

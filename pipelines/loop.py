@@ -99,6 +99,38 @@ def average_buffers(*modules: torch.nn.Module) -> None:
                 buf /= dist.get_world_size()
 
 
+def replica_spread(*modules: torch.nn.Module) -> float:
+    """Largest absolute difference between any rank's parameters and rank 0's (0.0 = identical replicas).
+    Checked at every checkpoint: a silent divergence of replicas would make the checkpoint rank 0's alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0.0
+    flat = torch.cat([p.detach().flatten().float() for m in modules for p in m.parameters()]).to(_collective_device())
+    reference = flat.clone()
+    dist.broadcast(reference, src=0)
+    spread = (flat - reference).abs().max().reshape(1)
+    dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+    return float(spread.item())
+
+
+def _injected_fault(step: int, rank: int, resumed: bool) -> None:
+    """Fault injection for the reliability tests: ``GAN_PIPELINE_FAULT=kill@STEP[:RANK]`` SIGKILLs that worker
+    (first attempt only), ``nan@STEP`` makes the losses non-finite from that step on."""
+    spec = os.environ.get("GAN_PIPELINE_FAULT", "")
+    if not spec.startswith("kill@") or resumed:
+        return
+    at, _, which = spec[5:].partition(":")
+    if step == int(at) and rank == int(which or 0):
+        import signal
+
+        print(f"[gan-pipeline] fault injection: SIGKILL of rank {rank} at step {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _nan_injected(step: int) -> bool:
+    spec = os.environ.get("GAN_PIPELINE_FAULT", "")
+    return spec.startswith("nan@") and step >= int(spec[4:])
+
+
 def wrap_ddp(gan: GAN) -> None:
     """G and D (and the auxiliary classifier) are wrapped separately. No buffer sync at forward: D runs
     forward on real and fake before one backward; broadcasting batch-norm buffers at the second forward
@@ -189,9 +221,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     window_start, window_steps = time.perf_counter(), 0
     step = progress["step"]
 
+    resumed = checkpoint is not None
     while step < steps:
         stats = train_step(gan, stream)
         step += 1
+        _injected_fault(step, rank, resumed)
+        if _nan_injected(step):
+            stats["d_loss"] = stats["d_loss"] * float("nan")
         window_steps += 1
         last = step == steps
         is_checkpoint = last or step % cfg.train.checkpoint_every == 0
@@ -224,6 +260,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             continue
 
         average_buffers(gan.generator, gan.discriminator)
+        spread = replica_spread(gan.generator, gan.discriminator)
+        if pending:
+            pending[-1][1]["replica_max_abs_diff"] = spread
         extra = report_hook(step, gan, loop_config) if report_hook and rank == 0 else {}
         progress = {"step": step, "epoch": stream.epoch, "batch_in_epoch": stream.batch_in_epoch}
         metrics = {"step": step, **(pending[-1][1] if pending else {}), **(extra or {})}

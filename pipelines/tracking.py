@@ -148,9 +148,11 @@ def commit_images(mlflow_client, run_id: str, pngs: dict[str, bytes]) -> None:
             print(f"WARNING: sample grid {name} could not be logged to MLflow: {exc}", flush=True)
 
 
-def tracking_env(uri: str) -> dict[str, str]:
-    """Environment that Ray workers need to reach the same store (absolute URI, credentials passed on)."""
+def worker_env(uri: str) -> dict[str, str]:
+    """Environment that Ray workers need: the same tracking store (absolute URI, credentials passed on) and
+    the project's own GAN_PIPELINE_* settings."""
     env = {"MLFLOW_TRACKING_URI": uri}
+    env.update({k: v for k, v in os.environ.items() if k.startswith("GAN_PIPELINE_")})
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
                  "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         if os.environ.get(name):

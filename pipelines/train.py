@@ -76,7 +76,8 @@ def load_record(cfg: PipelineConfig, run: str) -> dict:
 
 
 def build_trainer(cfg: PipelineConfig, *, run_name: str, run_id: str, data_path: str, tracking_uri: str,
-                  callbacks: Sequence = (), report_hook: Optional[Callable] = None, storage: Optional[str] = None):
+                  callbacks: Sequence = (), report_hook: Optional[Callable] = None, storage: Optional[str] = None,
+                  extra_loop_config: Optional[dict] = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -88,7 +89,7 @@ def build_trainer(cfg: PipelineConfig, *, run_name: str, run_id: str, data_path:
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "data_path": data_path, "run_id": run_id,
                            "tracking_uri": tracking_uri, "threads": t.threads_per_worker,
-                           "report_hook": report_hook},
+                           "report_hook": report_hook, **(extra_loop_config or {})},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if t.gpu else "gloo"),
         run_config=RunConfig(
@@ -173,7 +174,7 @@ def run_training(cfg: PipelineConfig, mlflow_client, uri: str, run_name: str, ru
     status = "FAILED"
     try:
         with ray_session(cfg.train.address, cpus_needed=cpus, gpus_needed=workers if cfg.train.gpu else 0,
-                         env=tracking.tracking_env(uri)):
+                         env=tracking.worker_env(uri)):
             trainer = build_trainer(cfg, run_name=run_name, run_id=run_id, data_path=data_path, tracking_uri=uri)
             with _system_metrics(run_id):
                 result = fit(trainer, mlflow_client, run_id)

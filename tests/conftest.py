@@ -1,0 +1,79 @@
+"""Shared fixtures. ``mlflow_server``: one real MLflow tracking server (SQLite + local artifacts) per session."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, what: str = "server") -> None:
+    """Poll ``url`` until it answers 200; fail early if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before answering {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{what} did not answer {url} within {timeout:.0f} s")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 5) -> None:
+    """Terminate ``proc`` and its process group (the server forks workers)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, 15)
+    except (ProcessLookupError, PermissionError):
+        proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, 9)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+        proc.wait(timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """URI (``http://127.0.0.1:<port>``) of a real ``mlflow server`` on SQLite; stopped at session end."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    mlflow_exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
+    cmd = [mlflow_exe, "server", "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
+           "--default-artifact-root", str(root / "art"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", timeout=90, proc=proc, what="mlflow server")
+    except RuntimeError as exc:
+        stop_process(proc)
+        log.close()
+        raise RuntimeError(f"{exc}\n--- server log ---\n{(root / 'server.log').read_text()[-4000:]}") from None
+    try:
+        yield uri
+    finally:
+        stop_process(proc)
+        log.close()
