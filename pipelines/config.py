@@ -37,8 +37,8 @@ class ModelConfig(_Strict):
     aux_class_weight: float = Field(0.0, ge=0.0)
     critic_batchnorm: bool = True
     nz: int = Field(100, ge=1)
-    ngf: int = Field(64, ge=4)
-    ndf: int = Field(64, ge=4)
+    ngf: Optional[int] = Field(None, ge=4, description="generator width; default 32 up to 32 px, 64 at 64 px")
+    ndf: Optional[int] = Field(None, ge=4, description="critic width; default as ngf")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":
@@ -118,7 +118,7 @@ class EvalConfig(_Strict):
     inception: bool = True
     inception_weights: Optional[str] = None
     kid_subset_size: int = Field(1000, ge=2)
-    classifier_epochs: int = Field(2, ge=1)
+    classifier_epochs: int = Field(1, ge=1)
     kid_num_subsets: int = Field(100, ge=1, description="random subsets KID is averaged over")
     precision_recall_k: int = Field(3, ge=1, description="k of the k-NN radii for precision/recall")
     density_coverage_k: int = Field(5, ge=1, description="k of the k-NN radii for density/coverage")
