@@ -59,6 +59,8 @@ TRAIN_OPTS = [
     Opt("train.batch_size", ("--batch-size",), int, "batch size per worker"),
     Opt("train.seed", ("--seed",), int, "random seed"),
     Opt("train.precision", ("--precision",), click.Choice(["fp32", "bf16", "fp16"]), "autocast precision"),
+    Opt("train.channels_last", ("--channels-last",), None, "NHWC memory format for G and D", is_flag=True),
+    Opt("train.compile", ("--compile",), None, "torch.compile G and D", is_flag=True),
     Opt("train.checkpoint_every", ("--checkpoint-every",), int, "generator steps between checkpoints"),
     Opt("train.log_every", ("--log-every",), int, "generator steps between metric logs"),
     Opt("train.sample_every", ("--sample-every",), int, "generator steps between sample grids"),
@@ -304,6 +306,10 @@ def models_show(cfg: PipelineConfig, name: str) -> None:
 
 
 def main() -> None:
+    import os
+
+    # Progress lines of our own are printed where they matter; MLflow's per-download bars only clutter the log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     cli(prog_name="gan-pipeline")
 
 

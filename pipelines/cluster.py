@@ -33,6 +33,7 @@ def ray_session(address: Optional[str], cpus_needed: int, gpus_needed: int = 0,
     runtime_env = {"env_vars": dict(env or {})}
     quiet = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
     if address:
+        _probe(address)
         try:
             ray.init(address=address, runtime_env=runtime_env, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -53,6 +54,23 @@ def ray_session(address: Optional[str], cpus_needed: int, gpus_needed: int = 0,
         yield
     finally:
         ray.shutdown()
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """A dead ``host:port`` / ``ray://host:port`` fails in seconds: ray.init itself retries the GCS for
+    minutes. ``auto`` is left to ray.init (it reads the local cluster's address file and fails fast)."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterError(f"cannot join the Ray cluster at {address!r}: nothing answers at {hostport} "
+                           f"({exc.strerror or exc}). Is `ray start --head` running there, and is the address right "
+                           f"(auto, host:6379, ray://host:10001)?") from None
 
 
 def _check_fits(cpus_needed: int, gpus_needed: int, address: Optional[str]) -> None:

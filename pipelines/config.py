@@ -97,6 +97,8 @@ class TrainConfig(_Strict):
     batch_size: int = Field(64, ge=2, description="per worker")
     seed: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = Field(False, description="NHWC memory format for G, D and batches (docs/performance.md)")
+    compile: bool = Field(False, description="torch.compile G and D (docs/performance.md)")
     checkpoint_every: int = Field(200, ge=1, description="generator steps between checkpoints")
     keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(10, ge=1)
@@ -104,6 +106,14 @@ class TrainConfig(_Strict):
     max_failures: int = Field(0, ge=0)
     storage_path: Optional[str] = Field(None, description="checkpoints (local, NFS or cloud URI); default runs dir")
     threads_per_worker: Optional[int] = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _fp16_needs_gpu(self) -> "TrainConfig":
+        # Checked here, not in the Ray workers: there it surfaced as a worker traceback after a minute of startup.
+        if self.precision == "fp16" and not self.gpu:
+            raise ValueError("precision fp16 needs a GPU (--gpu): fp16 autocast is for GPUs; on CPU use "
+                             "--precision bf16 or fp32")
+        return self
 
 
 class TrackingConfig(_Strict):
@@ -236,6 +246,8 @@ def build_config(
         section: {k: v for k, v in values.items() if v is not None}
         for section, values in (overrides or {}).items()
     }
+    # an empty override section must not replace a YAML section: `optim: 0.1` was silently reset to defaults
+    cli = {section: values for section, values in cli.items() if values}
     merged = _deep_merge(_deep_merge(preset(name), file_values), cli)
     merged.setdefault("model", {})["name"] = name
     try:

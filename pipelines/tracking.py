@@ -32,9 +32,19 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                 f"or an http(s):// server"
             )
         return
-    url = uri.rstrip("/") + "/health"
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(uri)
+    request = urllib.request.Request(parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/")
+                                     + "/health")
+    if parts.username is not None:  # user:password@ in the URI: urllib cannot take it there, send it as a header
+        import base64
+
+        token = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    shown = redact_uri(uri)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             if response.status == 200:
                 return
             detail = f"HTTP {response.status}"
@@ -43,7 +53,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         detail = str(getattr(exc, "reason", exc))
     raise TrackingUnavailable(
-        f"MLflow tracking server {uri} is unreachable ({detail}); start it (mlflow server --host 127.0.0.1 ...) "
+        f"MLflow tracking server {shown} is unreachable ({detail}); start it (mlflow server --host 127.0.0.1 ...) "
         f"or point --tracking-uri / MLFLOW_TRACKING_URI elsewhere. Nothing was trained."
     )
 
@@ -82,6 +92,14 @@ def package_version() -> str:
 _SECRET_MARKERS = ("password", "secret", "token", "key_id", "access_key", "credential")
 
 
+def redact_uri(text: str) -> str:
+    """``scheme://user:password@host/...`` -> ``scheme://***@host/...``; anything else unchanged."""
+    if "://" in text and "@" in text.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = text.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return text
+
+
 def redact(params: dict) -> dict:
     """Never log credentials: URIs with user:password@ lose it, secret-looking keys are masked."""
     out = {}
@@ -89,11 +107,16 @@ def redact(params: dict) -> dict:
         text = "" if value is None else str(value)
         if any(marker in key.lower() for marker in _SECRET_MARKERS):
             text = "***"
-        elif "://" in text and "@" in text.split("://", 1)[1].split("/", 1)[0]:
-            scheme, rest = text.split("://", 1)
-            text = f"{scheme}://***@{rest.split('@', 1)[1]}"
+        else:
+            text = redact_uri(text)
         out[key] = text
     return out
+
+
+def redact_config(dump: dict) -> dict:
+    """A ``PipelineConfig.model_dump()`` fit to record (MLflow config.json, checkpoints): URIs lose credentials."""
+    return {section: ({k: redact_uri(v) if isinstance(v, str) else v for k, v in values.items()}
+                      if isinstance(values, dict) else values) for section, values in dump.items()}
 
 
 def log_params(mlflow_client, run_id: str, params: dict) -> None:

@@ -37,6 +37,23 @@ def storage_root(cfg: PipelineConfig) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+def check_storage(path: str) -> None:
+    """A local checkpoint location must be a writable directory: said now, in a second, not by a Ray worker
+    after startup and the first checkpoint's steps. Cloud URIs are checked by Ray at the first checkpoint."""
+    if "://" in path:
+        return
+    import tempfile
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".gan-pipeline-write-probe-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"checkpoint storage {path} is not a writable directory ({exc.strerror or exc}); pass "
+                        f"--storage-path a directory you can write to (or fix its permissions / free space). "
+                        f"Nothing was trained.") from None
+
+
 def ensure_dataset(cfg: PipelineConfig):
     """The prepared dataset named by ``data.path``, else the configured dataset prepared now (a no-op when
     it exists with the same inputs)."""
@@ -87,7 +104,7 @@ def build_trainer(cfg: PipelineConfig, *, run_name: str, run_id: str, data_path:
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "data_path": data_path, "run_id": run_id,
+        train_loop_config={"config": tracking.redact_config(cfg.model_dump(mode="json")), "data_path": data_path, "run_id": run_id,
                            "tracking_uri": tracking_uri, "threads": t.threads_per_worker,
                            "report_hook": report_hook, **(extra_loop_config or {})},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.gpu, resources_per_worker=resources),
@@ -109,6 +126,12 @@ def fit(trainer, mlflow_client, run_id: str):
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:
+        if "No space left on device" in str(exc) or "[Errno 28]" in str(exc):
+            rc = getattr(trainer, "run_config", None)
+            where = f"{getattr(rc, 'storage_path', '?')}/{getattr(rc, 'name', '?')}"
+            raise UserError(f"training failed: checkpoint storage {where} is full (No space left on device). The "
+                            f"last complete checkpoint there is kept; free space (or lower train.keep_checkpoints) "
+                            f"and continue with gan-pipeline train --resume {getattr(rc, 'name', 'RUN')}") from None
         raise UserError(f"training failed: {exc}") from exc
     tag = mlflow_client.get_run(run_id).data.tags.get(DIVERGED_TAG)
     if tag:
@@ -130,7 +153,7 @@ def _new_run(cfg: PipelineConfig, mlflow_client, run_name: str, data_path: str, 
     params.update({"data.manifest_hash": manifest["manifest_hash"], "data.resolved_path": data_path,
                    "package_version": tracking.package_version(), "git_commit": tracking.git_commit()})
     tracking.log_params(mlflow_client, run_id, params)
-    mlflow_client.log_dict(run_id, cfg.model_dump(mode="json"), "config.json")
+    mlflow_client.log_dict(run_id, tracking.redact_config(cfg.model_dump(mode="json")), "config.json")
     return run_id
 
 
@@ -139,6 +162,7 @@ def train_stage(cfg: PipelineConfig, run_name: Optional[str] = None, resume: Opt
     uri = cfg.resolved_tracking_uri
     tracking.check_reachable(uri)
     mlflow_client = tracking.client(uri)
+    check_storage((load_record(cfg, resume).get("storage") or storage_root(cfg)) if resume else storage_root(cfg))
     if resume:
         record = load_record(cfg, resume)
         cfg = config_from_dict(record["config"])
@@ -147,7 +171,12 @@ def train_stage(cfg: PipelineConfig, run_name: Optional[str] = None, resume: Opt
 
         manifest = load_manifest(data_path)
         mlflow_client.update_run(run_id, status="RUNNING")
-        console_print(f"[gan-pipeline] resuming {run_name} (MLflow run {run_id}) from its last checkpoint")
+        step = "none yet: from the start"
+        storage = record.get("storage", storage_root(cfg))
+        latest = checkpoints.latest_checkpoint(Path(storage) / run_name) if "://" not in storage else None
+        if latest is not None:
+            step = f"step {checkpoints.safe_load(latest / checkpoints.STATE_FILE)['progress']['step']}"
+        console_print(f"[gan-pipeline] resuming {run_name} (MLflow run {run_id}); last checkpoint: {step}")
     else:
         data_path, manifest = ensure_dataset(cfg)
         run_name = run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"

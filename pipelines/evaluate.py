@@ -1,0 +1,221 @@
+"""The ``evaluate`` stage: score a generator with ``pipelines.metrics`` and log the scores to MLflow.
+
+The generator comes from a training run (``--run-id``), a checkpoint directory, or a registered model
+(``--model-uri``, resolved to the run that produced it). The real reference is the held-out split of the
+prepared dataset the generator was trained on; sample counts and seeds are fixed by ``eval`` so the same
+generator always gets the same score.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from gan_models.sampling import generate, image_grid, save_png, to_uint8
+from pipelines import checkpoints, tracking
+from pipelines.config import PipelineConfig
+from pipelines.errors import UserError
+
+
+def domain_classifier(cfg: PipelineConfig, data_path: str, manifest: dict):
+    """The dataset's domain classifier, trained once and cached by manifest hash under ``<runs_dir>/classifiers``."""
+    from pipelines.data.reader import load_split
+    from pipelines.metrics.classifier import cache_paths, load_or_train_classifier
+
+    num_classes = len(manifest.get("class_names") or [])
+    if num_classes < 2:
+        raise UserError(f"the dataset at {data_path} is unlabeled; the domain classifier behind the metrics needs "
+                        f"class labels (prepare an image folder with one subfolder per class)")
+    cache_dir = Path(cfg.runs_dir) / "classifiers"
+    paths = cache_paths(cache_dir, manifest["manifest_hash"])
+    kwargs = {}
+    if not all(p.exists() for p in paths):
+        start = time.perf_counter()
+        print(f"[gan-pipeline] training the domain classifier for {manifest['dataset']} (cached afterwards)", flush=True)
+        train_x, train_y = load_split(data_path, "train")
+        held_x, held_y = load_split(data_path, "heldout")
+        kwargs = dict(train_images=train_x, train_labels=train_y, heldout_images=held_x, heldout_labels=held_y)
+    classifier = load_or_train_classifier(cache_dir, manifest["manifest_hash"], num_classes=num_classes,
+                                          epochs=classifier_epochs(cfg, manifest), seed=cfg.eval.seed, **kwargs)
+    if kwargs:
+        print(f"[gan-pipeline] domain classifier: held-out accuracy {classifier.heldout_accuracy:.4f} "
+              f"({time.perf_counter() - start:.0f}s)", flush=True)
+    return classifier, paths
+
+
+# A small dataset still needs enough optimizer steps for a useful feature space (MNIST: one epoch is plenty).
+MIN_CLASSIFIER_IMAGES = 50_000
+
+
+def classifier_epochs(cfg: PipelineConfig, manifest: dict) -> int:
+    train_count = max(1, int(manifest["counts"]["train"]))
+    return max(cfg.eval.classifier_epochs, -(-MIN_CLASSIFIER_IMAGES // train_count))
+
+
+def _download_generator(mlflow_client, run_id: str, target: Path) -> Path:
+    try:
+        names = {a.path for a in mlflow_client.list_artifacts(run_id, "generator")}
+    except Exception as exc:  # noqa: BLE001 - unknown run ids surface as various MLflow errors
+        raise UserError(f"MLflow run {run_id!r} not found or unreadable: {exc}") from None
+    if "generator/generator.pt" not in names:
+        raise UserError(f"MLflow run {run_id} has no generator artifacts (generator/generator.pt): it is not a "
+                        f"finished gan-pipeline training run; train it to the end first (gan-pipeline train --resume)")
+    return Path(mlflow_client.download_artifacts(run_id, "generator", str(target)))
+
+
+def resolve_model_uri(mlflow_client, model_uri: str) -> str:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> the run that produced that version."""
+    if not model_uri.startswith("models:/"):
+        raise UserError(f"model URI {model_uri!r} must look like models:/NAME@ALIAS or models:/NAME/VERSION")
+    rest = model_uri[len("models:/"):]
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            version = mlflow_client.get_model_version_by_alias(name, alias)
+        else:
+            name, number = rest.rsplit("/", 1)
+            version = mlflow_client.get_model_version(name, number)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"registered model {model_uri} not found: {exc}. List them with gan-pipeline models list") from None
+    source_run = version.tags.get("source_run_id") or version.run_id
+    if not source_run:
+        raise UserError(f"{model_uri} records no source run; evaluate it with --run-id instead")
+    return source_run
+
+
+def evaluate_stage(cfg: PipelineConfig, run_id: Optional[str] = None, checkpoint: Optional[str] = None,
+                   model_uri: Optional[str] = None, out: Optional[str] = None) -> dict[str, float]:
+    given = [x for x in (run_id, checkpoint, model_uri) if x]
+    if len(given) != 1:
+        raise UserError("name exactly one generator: --run-id ID, --checkpoint DIR or --model-uri models:/NAME@ALIAS")
+    uri = cfg.resolved_tracking_uri
+    tracking.check_reachable(uri)
+    mlflow_client = tracking.client(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        if model_uri:
+            run_id = resolve_model_uri(mlflow_client, model_uri)
+        if run_id:
+            gen_dir = _download_generator(mlflow_client, run_id, Path(tmp))
+        else:
+            gen_dir = Path(checkpoint)
+            if not gen_dir.is_dir():
+                raise UserError(f"checkpoint {checkpoint} is not a directory")
+        generator, spec, run_config = checkpoints.load_generator(gen_dir)
+    run_id = run_id or run_config.get("mlflow_run_id")
+    data_path = cfg.data.path or run_config["data_path"]
+    from pipelines.data.reader import load_manifest, load_split
+    from pipelines.metrics.suite import compute_metrics, real_floor
+
+    manifest = load_manifest(data_path)
+    if manifest["manifest_hash"] != run_config["manifest_hash"]:
+        raise UserError(f"the dataset at {data_path} (version {manifest['manifest_hash'][:12]}) is not the one the "
+                        f"generator was trained on ({run_config['manifest_hash'][:12]}); pass --data with that one")
+    classifier, _ = domain_classifier(cfg, data_path, manifest)
+    n = cfg.eval.num_samples
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(cfg.eval.seed)
+    z = torch.randn(n, spec.nz, generator=gen)
+    labels = (torch.arange(n) % spec.num_classes) if spec.conditional else None
+    fake = generate(generator, z, labels, batch_size=cfg.eval.batch_size)
+    real_x, real_y = load_split(data_path, "heldout", limit=n, seed=cfg.eval.seed)
+    cache: dict = {}
+    metrics = compute_metrics(to_uint8(fake), labels, real_x, real_y, classifier, cfg.eval, spec.conditional,
+                              spec.num_classes, cache=cache)
+    floor = _real_floor(cfg, data_path, manifest, classifier, real_x, real_y, spec, cache, real_floor)
+    metrics.update({f"real_floor_{k}": v for k, v in floor.items() if k in ("domain_fd", "precision", "recall",
+                                                                             "density", "coverage", "class_kl")})
+    metrics["eval_seconds"] = time.perf_counter() - start
+    metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating))}
+
+    out_dir = Path(out) if out else Path(cfg.runs_dir) / "evaluations" / (run_id or gen_dir.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_outputs(out_dir, metrics, fake, spec, generator)
+    if run_id:
+        _log(mlflow_client, run_id, metrics, out_dir, cfg, model_uri, classifier)
+    _print_metrics(metrics, out_dir)
+    return metrics
+
+
+def _real_floor(cfg, data_path, manifest, classifier, real_x, real_y, spec, cache, real_floor) -> dict:
+    """Real train vs real held-out, computed once per (dataset, sample count, seed) and cached."""
+    from pipelines.data.reader import load_split
+
+    path = Path(cfg.runs_dir) / "classifiers" / f"floor-{manifest['manifest_hash'][:16]}-{cfg.eval.num_samples}-{cfg.eval.seed}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    train_x, train_y = load_split(data_path, "train", limit=cfg.eval.num_samples, seed=cfg.eval.seed)
+    names = ["domain_fd", "precision_recall", "density_coverage", "class_kl"]
+    floor = real_floor(train_x, real_x, classifier, cfg.eval, train_labels=train_y, heldout_labels=real_y,
+                       conditional=False, num_classes=spec.num_classes, names=names, cache=cache)
+    floor = {k: float(v) for k, v in floor.items() if isinstance(v, (int, float, np.floating))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(floor))
+    os.replace(tmp, path)
+    return floor
+
+
+def _write_outputs(out_dir: Path, metrics: dict, fake: torch.Tensor, spec, generator) -> None:
+    tmp = out_dir / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    os.replace(tmp, out_dir / "metrics.json")
+    save_png(image_grid(fake[:64], nrow=8), out_dir / "samples.png")
+    if spec.conditional:
+        per_class = 10
+        z = torch.randn(per_class, spec.nz, generator=torch.Generator().manual_seed(7)).repeat(spec.num_classes, 1)
+        labels = torch.arange(spec.num_classes).repeat_interleave(per_class)
+        save_png(image_grid(generate(generator, z, labels), nrow=per_class), out_dir / "class_grid.png")
+
+
+def _log(mlflow_client, run_id: str, metrics: dict, out_dir: Path, cfg: PipelineConfig, model_uri, classifier) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    target = run_id
+    if model_uri:
+        # a registered model gets a linked evaluation run rather than new numbers on its training run
+        exp = mlflow_client.get_run(run_id).info.experiment_id
+        target = mlflow_client.create_run(exp, run_name=f"evaluate {model_uri}", tags={
+            "gan_pipeline.stage": "evaluate", "gan_pipeline.evaluates": model_uri,
+            "gan_pipeline.source_run_id": run_id}).info.run_id
+    items = [Metric(k, v, now, 0) for k, v in metrics.items()]
+    for start in range(0, len(items), 1000):
+        mlflow_client.log_batch(target, metrics=items[start:start + 1000])
+    tags = {"eval.num_samples": str(cfg.eval.num_samples), "eval.seed": str(cfg.eval.seed),
+            "eval.classifier_fingerprint": str(getattr(classifier, "fingerprint", "")),
+            "eval.reference": "heldout split"}
+    for key, value in tags.items():
+        mlflow_client.set_tag(target, key, value)
+    for name in ("metrics.json", "samples.png", "class_grid.png"):
+        if (out_dir / name).exists():
+            mlflow_client.log_artifact(target, str(out_dir / name), artifact_path="evaluation")
+    if model_uri:
+        mlflow_client.set_terminated(target)
+
+
+def _print_metrics(metrics: dict, out_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipelines.metrics.suite import metric_direction
+
+    table = Table(title="evaluation")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("better")
+    table.add_column("real floor", justify="right")
+    for key in sorted(metrics):
+        if key.startswith("real_floor_") or key.startswith("domain_fd_class_"):
+            continue
+        direction = metric_direction(key)
+        floor = metrics.get(f"real_floor_{key}")
+        table.add_row(key, f"{metrics[key]:.4f}", {"min": "lower", "max": "higher"}.get(direction, ""),
+                      "" if floor is None else f"{floor:.4f}")
+    Console().print(table)
+    print(f"[gan-pipeline] metrics.json and sample grids in {out_dir}")

@@ -1,0 +1,179 @@
+"""``gan-pipeline run``: prepare -> train -> evaluate -> register as one resumable workflow.
+
+Each stage records its inputs' hash and its outputs in ``<runs_dir>/pipelines/<name>/state.json``. Re-running the
+same command skips every stage that completed with the same inputs and resumes the one that did not (training
+from its last checkpoint). Stages talk to each other only through these recorded outputs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from pipelines.config import PipelineConfig
+from pipelines.errors import UserError
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    #: config sections whose values are this stage's inputs (with the upstream outputs)
+    sections: tuple[str, ...]
+    run: Callable[[PipelineConfig, dict, "Workflow"], dict]
+
+
+def _prepare(cfg: PipelineConfig, upstream: dict, wf: "Workflow") -> dict:
+    from pipelines.train import ensure_dataset
+
+    data_path, manifest = ensure_dataset(cfg)
+    return {"data_path": data_path, "manifest_hash": manifest["manifest_hash"], "dataset": manifest["dataset"]}
+
+
+def _train(cfg: PipelineConfig, upstream: dict, wf: "Workflow") -> dict:
+    from pipelines.train import train_stage
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.path = upstream["prepare"]["data_path"]
+    started = wf.state.get("train_started")
+    if started and started["inputs"] == wf.inputs_hash("train"):
+        result = train_stage(cfg, resume=started["run_name"])
+    else:
+        run_name = f"{wf.name}-train-{time.strftime('%Y%m%d-%H%M%S')}"
+        wf.state["train_started"] = {"run_name": run_name, "inputs": wf.inputs_hash("train")}
+        wf.save()
+        result = train_stage(cfg, run_name=run_name)
+    return {"run_id": result.run_id, "run_name": result.run_name, "steps": result.steps,
+            "checkpoint_dir": result.checkpoint_dir}
+
+
+def _evaluate(cfg: PipelineConfig, upstream: dict, wf: "Workflow") -> dict:
+    from pipelines.evaluate import evaluate_stage
+
+    metrics = evaluate_stage(cfg, run_id=upstream["train"]["run_id"], out=str(wf.directory / "evaluation"))
+    return {"metrics": metrics}
+
+
+def _register(cfg: PipelineConfig, upstream: dict, wf: "Workflow") -> dict:
+    from pipelines.register import promote_stage, register_stage
+
+    registered = register_stage(cfg, run_id=upstream["train"]["run_id"])
+    outputs = {"name": registered["name"], "version": registered["version"], "promoted": False}
+    if cfg.registry.promote:
+        try:
+            promote_stage(cfg, name=registered["name"], version=str(registered["version"]), from_alias=None,
+                          to_alias="champion", metric=None, force=False)
+            outputs["promoted"] = True
+        except UserError as exc:
+            print(f"[gan-pipeline] not promoted: {exc}")
+    return outputs
+
+
+# The stage graph, in one place: each stage depends on all stages before it.
+STAGES: tuple[Stage, ...] = (
+    Stage("prepare", ("data",), _prepare),
+    Stage("train", ("model", "optim", "train"), _train),
+    Stage("evaluate", ("eval",), _evaluate),
+    Stage("register", ("registry",), _register),
+)
+
+
+class Workflow:
+    def __init__(self, cfg: PipelineConfig, name: str):
+        self.cfg, self.name = cfg, name
+        self.directory = Path(cfg.runs_dir) / "pipelines" / name
+        self.path = self.directory / "state.json"
+        self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}}
+
+    def save(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.state, indent=2, sort_keys=True))
+        os.replace(tmp, self.path)
+
+    def inputs_hash(self, stage_name: str) -> str:
+        """A stage's inputs: its config sections and everything upstream (their inputs and outputs)."""
+        parts: dict[str, Any] = {}
+        for stage in STAGES:
+            dump = self.cfg.model_dump(mode="json")
+            parts[stage.name] = {s: dump[s] for s in stage.sections}
+            if stage.name == stage_name:
+                break
+            parts[stage.name + ":outputs"] = self.state["stages"].get(stage.name, {}).get("outputs")
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def default_name(cfg: PipelineConfig) -> str:
+    """The same command names the same workflow, so re-running it resumes."""
+    dump = cfg.model_dump(mode="json")
+    digest = hashlib.sha256(json.dumps({k: dump[k] for k in ("model", "optim", "data", "train", "eval", "registry")},
+                                       sort_keys=True).encode()).hexdigest()[:8]
+    return f"{cfg.data.dataset}-{cfg.model.name}-{digest}"
+
+
+def run_stage(cfg: PipelineConfig, run_name: Optional[str] = None) -> dict:
+    from pipelines import tracking
+
+    tracking.check_reachable(cfg.resolved_tracking_uri)
+    wf = Workflow(cfg, run_name or default_name(cfg))
+    print(f"[gan-pipeline] workflow {wf.name} (state: {wf.path})")
+    upstream: dict[str, dict] = {}
+    report: list[tuple[str, str, float]] = []
+    for stage in STAGES:
+        inputs = wf.inputs_hash(stage.name)
+        record = wf.state["stages"].get(stage.name)
+        if record and record.get("inputs") == inputs and record.get("status") == "done":
+            upstream[stage.name] = record["outputs"]
+            report.append((stage.name, "skipped (done, same inputs)", 0.0))
+            print(f"[gan-pipeline] {stage.name}: done earlier with the same inputs, skipped")
+            continue
+        print(f"[gan-pipeline] {stage.name}: running")
+        start = time.perf_counter()
+        wf.state["stages"][stage.name] = {"inputs": inputs, "status": "running"}
+        wf.save()
+        outputs = stage.run(cfg, upstream, wf)
+        seconds = time.perf_counter() - start
+        wf.state["stages"][stage.name] = {"inputs": inputs, "status": "done", "outputs": outputs,
+                                          "seconds": round(seconds, 1)}
+        wf.save()
+        upstream[stage.name] = outputs
+        report.append((stage.name, "ran", seconds))
+    _summary(cfg, wf, upstream, report)
+    return upstream
+
+
+def _summary(cfg: PipelineConfig, wf: Workflow, outputs: dict, report: list) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"gan-pipeline run {wf.name}")
+    table.add_column("stage")
+    table.add_column("status")
+    table.add_column("seconds", justify="right")
+    table.add_column("outputs")
+    for name, status, seconds in report:
+        out = outputs.get(name, {})
+        if name == "prepare":
+            detail = f"{out.get('dataset')} {out.get('manifest_hash', '')[:12]}"
+        elif name == "train":
+            detail = f"run {out.get('run_id')} ({out.get('steps')} steps)"
+        elif name == "evaluate":
+            m = out.get("metrics", {})
+            keys = ("domain_fd", "precision", "recall", "label_accuracy", "classifier_score")
+            detail = "  ".join(f"{k} {m[k]:.3f}" for k in keys if isinstance(m.get(k), (int, float)))
+        else:
+            detail = f"{out.get('name')} v{out.get('version')}" + (" -> champion" if out.get("promoted") else
+                                                                   f" @{cfg.registry.alias}")
+        table.add_row(name, status, f"{seconds:.0f}" if seconds else "-", detail)
+    console.print(table)
+    uri = cfg.resolved_tracking_uri
+    ui = (f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}")
+    console.print(f"MLflow UI: {ui}   (then: experiment '{cfg.tracking.experiment}', model '{outputs.get('register', {}).get('name')}')",
+                  highlight=False, soft_wrap=True)
+    grid = wf.directory / "evaluation" / "samples.png"
+    if grid.exists():
+        console.print(f"Samples: {grid}", highlight=False)

@@ -1,0 +1,267 @@
+"""``gan-pipeline tune``: Ray Tune over the one training loop.
+
+Each trial is a Tune *function* trainable that builds and fits the same ``TorchTrainer`` as ``train``
+(``pipelines.train.build_trainer``); ``TuneReportCallback`` forwards what the workers report at each checkpoint,
+including the cheap domain Fréchet distance, so ASHA can stop bad trials early. MLflow: one parent run for the
+sweep, one child run per trial; the best trial is evaluated in full and registered as ``candidate``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from pipelines import tracking
+from pipelines.config import ConfigError, PipelineConfig, config_from_dict, read_yaml
+from pipelines.errors import UserError
+
+# Default search spaces per family: (section.key) -> distribution spec. Specs are plain data so that a YAML
+# file can replace them: {"loguniform": [lo, hi]}, {"uniform": [lo, hi]}, {"randint": [lo, hi_inclusive]},
+# {"choice": [...]}, {"grid": [...]} (every value, times --samples).
+DEFAULT_SPACES: dict[str, dict[str, dict]] = {
+    "wgan": {
+        "optim.clip_value": {"loguniform": [0.003, 0.03]},
+        "optim.n_critic": {"randint": [1, 10]},
+        "optim.lr_g": {"loguniform": [1e-5, 2e-4]},
+        "optim.lr_d": {"loguniform": [1e-5, 2e-4]},
+    },
+    "wgan-gp": {
+        "optim.gp_weight": {"loguniform": [1.0, 30.0]},
+        "optim.n_critic": {"randint": [1, 10]},
+        "optim.lr_g": {"loguniform": [3e-5, 3e-4]},
+        "optim.lr_d": {"loguniform": [3e-5, 3e-4]},
+        "optim.beta1": {"choice": [0.0, 0.5]},
+        "optim.beta2": {"choice": [0.9, 0.99]},
+    },
+    "dcgan": {
+        "optim.lr_g": {"loguniform": [5e-5, 1e-3]},
+        "optim.lr_d": {"loguniform": [5e-5, 1e-3]},
+        "optim.beta1": {"uniform": [0.3, 0.9]},
+    },
+}
+DEFAULT_SPACES["cgan"] = DEFAULT_SPACES["dcgan"]
+
+
+def search_space(cfg: PipelineConfig, space_file: Optional[str] = None) -> dict[str, Any]:
+    """The Tune search space: the family's default, or a YAML file's / the config's ``tune.space``."""
+    from ray import tune
+
+    spec = read_yaml(space_file) if space_file else (cfg.tune.space or DEFAULT_SPACES[cfg.model.name])
+    space = {}
+    for key, dist in spec.items():
+        section, _, field = key.partition(".")
+        model = getattr(cfg, section, None) if field else None
+        if model is None or field not in type(model).model_fields:
+            raise ConfigError(f"search space key {key!r} is not a config key (section.key, e.g. optim.lr_g)")
+        if not isinstance(dist, dict) or len(dist) != 1:
+            raise ConfigError(f"search space {key}: give one distribution, e.g. {{loguniform: [1e-5, 1e-3]}}")
+        (kind, args), = dist.items()
+        makers = {"loguniform": tune.loguniform, "uniform": tune.uniform, "choice": tune.choice,
+                  "grid": tune.grid_search, "randint": lambda lo, hi: tune.randint(lo, hi + 1)}
+        if kind not in makers:
+            raise ConfigError(f"search space {key}: unknown distribution {kind!r}; use {', '.join(makers)}")
+        space[key] = makers[kind](args) if kind in ("choice", "grid") else makers[kind](*args)
+    return space
+
+
+def apply_trial(cfg: PipelineConfig, values: dict[str, Any]) -> PipelineConfig:
+    dump = cfg.model_dump(mode="json")
+    for key, value in values.items():
+        section, field = key.split(".", 1)
+        dump[section][field] = value.item() if hasattr(value, "item") else value
+    return config_from_dict(dump)
+
+
+def cheap_domain_fd(step: int, gan, loop_config: dict) -> dict[str, float]:
+    """Rank 0, at each checkpoint of a trial: domain Fréchet distance on a few samples (``tune.report_samples``)."""
+    import torch
+
+    from gan_models.sampling import generate, to_uint8
+    from pipelines.metrics.classifier import load_classifier
+    from pipelines.metrics.distances import frechet_distance_from_features
+
+    cache = loop_config["tune_cache"]
+    state = _TRIAL_CACHE.get(cache["weights"])
+    if state is None:
+        classifier = load_classifier(Path(cache["weights"]), Path(cache["sidecar"]))
+        real = torch.load(cache["real_features"], weights_only=True)
+        state = _TRIAL_CACHE[cache["weights"]] = (classifier, real)
+    classifier, real = state
+    n = loop_config["tune_samples"]
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(n, gan.spec.nz, generator=gen).to(gan.device)
+    labels = (torch.arange(n) % gan.spec.num_classes).to(gan.device) if gan.spec.conditional else None
+    fake = to_uint8(generate(gan.generator, z, labels))
+    fd = frechet_distance_from_features(classifier.features(fake).numpy(), real.numpy())
+    return {"domain_fd": fd if math.isfinite(fd) else 1e9}
+
+
+_TRIAL_CACHE: dict[str, Any] = {}
+
+
+def _prepare_reference(cfg: PipelineConfig, data_path: str, manifest: dict) -> dict:
+    """Train (or load) the domain classifier once for the sweep and cache real held-out features."""
+    import torch
+
+    from pipelines.evaluate import domain_classifier
+    from pipelines.data.reader import load_split
+
+    classifier, paths = domain_classifier(cfg, data_path, manifest)
+    images, _ = load_split(data_path, "heldout", limit=cfg.tune.report_samples, seed=cfg.eval.seed)
+    features = classifier.features(torch.from_numpy(images))
+    target = Path(paths[0]).with_name(f"real-features-{manifest['manifest_hash'][:16]}-{len(images)}.pt")
+    torch.save(features.cpu(), target)
+    return {"weights": str(paths[0]), "sidecar": str(paths[1]), "real_features": str(target)}
+
+
+def tune_stage(cfg: PipelineConfig, space_file: Optional[str] = None) -> dict:
+    import mlflow
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from pipelines.cluster import ray_session
+    from pipelines.train import build_trainer, ensure_dataset, finish_run, fit, storage_root
+
+    uri = cfg.resolved_tracking_uri
+    tracking.check_reachable(uri)
+    space = search_space(cfg, space_file)
+    data_path, manifest = ensure_dataset(cfg)
+    mlflow_client = tracking.client(uri)
+    sweep = f"tune-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    exp_id = tracking.experiment_id(mlflow_client, cfg.tracking.experiment)
+    parent = mlflow_client.create_run(exp_id, run_name=sweep, tags={"gan_pipeline.stage": "tune",
+                                                                    "gan_pipeline.model": cfg.model.name})
+    parent_id = parent.info.run_id
+    tracking.log_params(mlflow_client, parent_id, {**cfg.flat(), "data.manifest_hash": manifest["manifest_hash"],
+                                                   "tune.space": str(space_file or cfg.tune.space or "default")})
+    reference = _prepare_reference(cfg, data_path, manifest)
+
+    per_trial = cfg.tune.workers_per_trial
+    cores = os.cpu_count() or 1
+    concurrent = cfg.tune.max_concurrent or max(1, cores // per_trial)
+    concurrent = min(concurrent, cfg.tune.samples)
+    checkpoint_every = min(cfg.train.checkpoint_every, cfg.tune.report_every)
+    base = cfg.model_copy(deep=True)
+    base.train.workers = per_trial
+    base.train.checkpoint_every = checkpoint_every
+    storage = storage_root(cfg)
+
+    def trial(values: dict) -> None:
+        trial_cfg = apply_trial(base, values)
+        context = tune.get_context()
+        name = f"{sweep}-{context.get_trial_id()}"
+        client = tracking.client(uri)
+        child = client.create_run(exp_id, run_name=name, tags={"mlflow.parentRunId": parent_id,
+                                                               "gan_pipeline.stage": "tune-trial",
+                                                               "gan_pipeline.model": trial_cfg.model.name,
+                                                               "gan_pipeline.run_name": name})
+        tracking.log_params(client, child.info.run_id, {**trial_cfg.flat(), "data.manifest_hash": manifest["manifest_hash"]})
+        trainer = build_trainer(trial_cfg, run_name=name, run_id=child.info.run_id, data_path=data_path,
+                                tracking_uri=uri, callbacks=[TuneReportCallback()], report_hook=cheap_domain_fd,
+                                storage=f"{storage}/{sweep}", extra_loop_config={"tune_cache": reference,
+                                                                                 "tune_samples": cfg.tune.report_samples})
+        result = fit(trainer, client, child.info.run_id)
+        with result.checkpoint.as_directory() as local:
+            finish_run(client, child.info.run_id, Path(local), result.checkpoint.path, f"{storage}/{sweep}", name)
+
+    steps = cfg.train.max_steps
+    scheduler = (ASHAScheduler(time_attr="training_iteration", grace_period=1, reduction_factor=2,
+                               max_t=max(1, (steps or 10 ** 6) // checkpoint_every))
+                 if cfg.tune.scheduler == "asha" else FIFOScheduler())
+    search_alg = None
+    if cfg.tune.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch()
+    trainable = tune.with_resources(trial, {"CPU": 0.01})
+    cpus = concurrent * per_trial
+    start = time.perf_counter()
+    with ray_session(cfg.train.address, cpus_needed=per_trial, gpus_needed=per_trial if cfg.train.gpu else 0,
+                     env=tracking.worker_env(uri), declare_cpus=cpus):
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="min", num_samples=cfg.tune.samples,
+                                        scheduler=scheduler, search_alg=search_alg, max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=sweep, storage_path=storage, verbose=1),
+        )
+        results = tuner.fit()
+    seconds = time.perf_counter() - start
+    return _conclude(cfg, results, space, mlflow_client, parent_id, sweep, seconds)
+
+
+def _conclude(cfg, results, space, mlflow_client, parent_id, sweep, seconds) -> dict:
+    """Results table and plots on the parent run; the best trial evaluated in full and registered."""
+    exp_id = mlflow_client.get_run(parent_id).info.experiment_id
+    for child in mlflow_client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"):
+        if child.info.status == "RUNNING":  # its trial was stopped by the scheduler (or failed) mid-training
+            mlflow_client.set_tag(child.info.run_id, "gan_pipeline.stopped_early", "true")
+            mlflow_client.set_terminated(child.info.run_id, status="KILLED")
+    rows = []
+    for result in results:
+        config = {k: v for k, v in (result.config or {}).items()}
+        metrics = result.metrics or {}
+        rows.append({"trial_id": metrics.get("trial_id", ""), **config,
+                     cfg.tune.metric: metrics.get(cfg.tune.metric), "step": metrics.get("step"),
+                     "iterations": metrics.get("training_iteration"),
+                     "error": type(result.error).__name__ if result.error else ""})
+    if not rows:
+        mlflow_client.set_terminated(parent_id, status="FAILED")
+        raise UserError("the sweep produced no trials")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    mlflow_client.log_text(parent_id, buf.getvalue(), "tune_results.csv")
+    mlflow_client.log_figure(parent_id, _plot(rows, list(space), cfg.tune.metric), "metric_vs_hyperparameters.png")
+    try:
+        best = results.get_best_result(metric=cfg.tune.metric, mode="min", filter_nan_and_inf=True)
+    except RuntimeError as exc:
+        mlflow_client.set_terminated(parent_id, status="FAILED")
+        raise UserError(f"no trial reported {cfg.tune.metric}: {exc}") from None
+    best_run = mlflow_client.search_runs(
+        [mlflow_client.get_run(parent_id).info.experiment_id],
+        filter_string=f"tags.gan_pipeline.run_name = '{sweep}-{best.metrics['trial_id']}'")
+    if not best_run:
+        raise UserError("could not find the MLflow run of the best trial")
+    best_run_id = best_run[0].info.run_id
+    from pipelines.evaluate import evaluate_stage
+    from pipelines.register import register_stage
+
+    metrics = evaluate_stage(cfg, run_id=best_run_id)
+    registered = register_stage(cfg, run_id=best_run_id)
+    mlflow_client.set_tag(parent_id, "gan_pipeline.best_run_id", best_run_id)
+    mlflow_client.log_metric(parent_id, f"best_{cfg.tune.metric}", float(best.metrics[cfg.tune.metric]))
+    mlflow_client.set_terminated(parent_id, status="FINISHED")
+    stopped = sum(1 for r in rows if r["iterations"] is not None and r["iterations"] < max(
+        (x["iterations"] or 0) for x in rows))
+    print(f"[gan-pipeline] sweep {sweep}: {len(rows)} trials in {seconds:.0f}s ({stopped} stopped early); best "
+          f"{cfg.tune.metric} {best.metrics[cfg.tune.metric]:.3f} with {best.config}; registered "
+          f"{registered['name']} v{registered['version']} @candidate; MLflow parent run {parent_id}")
+    return {"parent_run_id": parent_id, "best_run_id": best_run_id, "best_config": best.config,
+            "metrics": metrics, "registered": registered, "trials": rows}
+
+
+def _plot(rows, keys, metric):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        xs = [r[key] for r in rows if r.get(metric) is not None]
+        ys = [r[metric] for r in rows if r.get(metric) is not None]
+        ax.scatter(xs, ys)
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        if key.startswith("optim.lr") or key in ("optim.clip_value", "optim.gp_weight"):
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,115 @@
+"""`gan-pipeline tune` (a real ASHA sweep) and `gan-pipeline run` (the resumable workflow), on a real local Ray
+cluster and a real MLflow server, with the bundled MNIST (a small prepared subset)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import DataConfig
+from pipelines.prepare import prepare_dataset
+
+pytestmark = pytest.mark.integration
+EXE = str(Path(sys.executable).parent / "gan-pipeline")
+TINY = ["--batch-size", "16", "--ngf", "16", "--nz", "32", "--log-every", "2", "--sample-every", "4"]
+
+
+@pytest.fixture(scope="module")
+def small_mnist(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("data") / "mnist-small"
+    return prepare_dataset(DataConfig(dataset="mnist", limit=3000), out=str(out)).path
+
+
+def _env(uri):
+    return {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+
+
+def test_asha_sweep_tracks_trials_stops_a_bad_one_and_registers_the_best(small_mnist, tmp_path, mlflow_server):
+    # a grid makes the outcome certain: the good learning rates come first, the hopeless one last, run one at a
+    # time, so ASHA has a good trial to compare the bad one with at its first rung.
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr_g:\n  grid: [0.0005, 0.0002, 1.0e-7]\n")
+    config = tmp_path / "tune.yaml"
+    config.write_text("tune:\n  report_samples: 200\n  report_every: 4\neval:\n  num_samples: 1000\n"
+                      "  kid_subset_size: 200\n  inception: false\n")
+    result = subprocess.run([EXE, "tune", "--model", "cgan", "--config", str(config), "--space", str(space),
+                             "--samples", "1", "--max-concurrent", "1", "--workers-per-trial", "1",
+                             "--max-steps", "16", "--data", small_mnist, "--runs-dir", str(tmp_path / "runs"),
+                             "--name", "tuned", *TINY], env=_env(mlflow_server), capture_output=True, text=True,
+                            timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("gan-pipeline").experiment_id
+    parents = client.search_runs([exp], filter_string="tags.gan_pipeline.stage = 'tune'")
+    assert len(parents) == 1
+    parent = parents[0]
+    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(float(c.data.params["optim.lr_g"]) for c in children) == [1e-7, 0.0002, 0.0005]
+    assert all(c.data.params["optim.lr_d"] == "0.0002" for c in children)
+    bad = next(c for c in children if float(c.data.params["optim.lr_g"]) == 1e-7)
+    good_steps = max(max((m.step for m in client.get_metric_history(c.info.run_id, "g_loss")), default=0)
+                     for c in children)
+    bad_steps = max((m.step for m in client.get_metric_history(bad.info.run_id, "g_loss")), default=0)
+    assert good_steps == 16 and bad_steps < 16, "ASHA stopped the hopeless trial early"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"tune_results.csv", "metric_vs_hyperparameters.png"} <= artifacts
+    best_run_id = parent.data.tags["gan_pipeline.best_run_id"]
+    assert float(client.get_run(best_run_id).data.params["optim.lr_g"]) != 1e-7
+    version = client.get_model_version_by_alias("tuned", "candidate")
+    assert version.tags["source_run_id"] == best_run_id
+
+
+def test_run_interrupted_in_train_resumes_instead_of_starting_over(small_mnist, tmp_path, mlflow_server):
+    config = tmp_path / "run.yaml"
+    config.write_text("eval:\n  num_samples: 1000\n  kid_subset_size: 200\n  inception: false\n")
+    cmd = [EXE, "run", "--model", "dcgan", "--config", str(config), "--data", small_mnist, "--max-steps", "24",
+           "--checkpoint-every", "8", "--runs-dir", str(tmp_path / "runs"), "--run-name", "wf", *TINY]
+    proc = subprocess.Popen(cmd, env=_env(mlflow_server), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    storage = tmp_path / "runs" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not list(storage.glob("*/checkpoint_00000008")):
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    state = json.loads((tmp_path / "runs" / "pipelines" / "wf" / "state.json").read_text())
+    assert state["stages"]["prepare"]["status"] == "done"
+    assert state["stages"]["train"]["status"] == "running"
+    time.sleep(2)
+
+    result = subprocess.run(cmd, env=_env(mlflow_server), capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    assert "prepare: done earlier with the same inputs, skipped" in output
+    assert "last checkpoint: step " in output, output[-5000:]
+    resumed_at = int(output.split("last checkpoint: step ")[1].split()[0])
+    assert resumed_at >= 8, "the train stage resumed instead of starting over"
+    state = json.loads((tmp_path / "runs" / "pipelines" / "wf" / "state.json").read_text())
+    assert [state["stages"][s]["status"] for s in ("prepare", "train", "evaluate", "register")] == ["done"] * 4
+    assert state["stages"]["train"]["outputs"]["steps"] == 24
+    assert state["stages"]["evaluate"]["outputs"]["metrics"]["num_generated"] == 1000
+    assert state["stages"]["register"]["outputs"]["name"] == "mnist-dcgan"
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    run_id = state["stages"]["train"]["outputs"]["run_id"]
+    steps = [m.step for m in client.get_metric_history(run_id, "g_loss")]
+    assert sorted(steps) == list(range(2, 25, 2)), "one MLflow run, no duplicated or missing steps"
+    assert "domain_fd" in client.get_run(run_id).data.metrics
+
+    # the same command once more: everything is done, nothing runs again
+    again = subprocess.run(cmd, env=_env(mlflow_server), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0
+    assert again.stdout.count("done earlier with the same inputs, skipped") == 4
