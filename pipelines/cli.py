@@ -144,7 +144,9 @@ def _print_config(cfg: PipelineConfig) -> None:
     click.echo("# resolved configuration (preset <- --config file <- options)")
     click.echo(cfg.to_yaml(), nl=False)
 
-    click.echo(f"# tracking URI: {cfg.resolved_tracking_uri}")
+    from pipelines.tracking import redact_uri
+
+    click.echo(f"# tracking URI: {redact_uri(cfg.resolved_tracking_uri)}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -32,6 +32,7 @@ from typing import Any, Optional
 
 from pipelines.config import ConfigError, PipelineConfig, config_from_dict
 from pipelines.errors import UserError
+from pipelines.tracking import redact_uri
 
 GENERATOR_ARTIFACT_DIR = "generator"
 WEIGHTS_FILE = "generator.pt"
@@ -281,7 +282,7 @@ def register_stage(cfg: PipelineConfig, run_id: str) -> dict:
         run = client.get_run(run_id)
     except MlflowException as exc:
         if _not_found(exc):
-            raise UserError(f"MLflow run {run_id!r} does not exist at {cfg.resolved_tracking_uri}") from None
+            raise UserError(f"MLflow run {run_id!r} does not exist at {redact_uri(cfg.resolved_tracking_uri)}") from None
         raise
     present = {Path(f.path).name for f in client.list_artifacts(run_id, GENERATOR_ARTIFACT_DIR)}
     missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE) if f not in present]
@@ -451,10 +452,10 @@ def models_list_stage(cfg: PipelineConfig) -> list[dict]:
     models = sorted(client.search_registered_models(max_results=1000), key=lambda m: m.name)
     console = _console()
     if not models:
-        console.print(f"no registered models at {cfg.resolved_tracking_uri} "
+        console.print(f"no registered models at {redact_uri(cfg.resolved_tracking_uri)} "
                       f"(register one with: gan-pipeline register --run-id RUN_ID)")
         return []
-    table = Table(title=f"registered models ({cfg.resolved_tracking_uri})")
+    table = Table(title=f"registered models ({redact_uri(cfg.resolved_tracking_uri)})")
     for column in ("name", "aliases", "latest", "updated", "description"):
         table.add_column(column, overflow="fold")
     rows = []

@@ -125,10 +125,11 @@ def tune_stage(cfg: PipelineConfig, space_file: Optional[str] = None) -> dict:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from pipelines.cluster import ray_session
-    from pipelines.train import build_trainer, ensure_dataset, finish_run, fit, storage_root
+    from pipelines.train import build_trainer, check_storage, ensure_dataset, finish_run, fit, storage_root
 
     uri = cfg.resolved_tracking_uri
     tracking.check_reachable(uri)
+    check_storage(storage_root(cfg))
     space = search_space(cfg, space_file)
     data_path, manifest = ensure_dataset(cfg)
     mlflow_client = tracking.client(uri)
