@@ -41,7 +41,9 @@ def main() -> int:
     args = ap.parse_args()
     mnist = Path(args.mnist)
     if not (mnist / "train-images-idx3-ubyte.gz").is_file():
-        mnist = Path("/work/shared/data/mnist")
+        import pipelines.data
+
+        mnist = Path(pipelines.data.__file__).resolve().parent / "mnist"  # the bundled copy
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -31,9 +31,9 @@ from pipelines.metrics import (
 from pipelines.metrics import classifier as classifier_mod
 from pipelines.metrics import inception as inception_mod
 
-MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
-if not MNIST.is_dir():
-    MNIST = Path("/work/shared/data/mnist")
+import pipelines.data
+
+MNIST = Path(pipelines.data.__file__).resolve().parent / "mnist"  # the copy bundled with the package
 
 
 def read_idx(path: Path) -> np.ndarray:
