@@ -22,6 +22,8 @@ from pipelines import checkpoints, tracking
 from pipelines.config import PipelineConfig, config_from_dict
 
 DIVERGED_TAG = "gan_pipeline.diverged"
+RESTARTS_TAG = "gan_pipeline.restarts"
+RESUMED_FROM_TAG = "gan_pipeline.resumed_from_step"
 
 
 def gan_spec(cfg: PipelineConfig, resolution: int, channels: int, num_classes: int) -> GANSpec:
@@ -127,6 +129,9 @@ def _injected_fault(step: int, rank: int, resumed: bool) -> None:
         import signal
 
         print(f"[gan-pipeline] fault injection: SIGKILL of rank {rank} at step {step}", flush=True)
+        # Ray Train's controller registers a reported checkpoint when it next polls the workers (every few
+        # seconds); a crash within that window resumes from the checkpoint before. Tests want the usual case.
+        time.sleep(float(os.environ.get("GAN_PIPELINE_FAULT_DELAY", "5")))
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -152,6 +157,15 @@ def wrap_ddp(gan: GAN) -> None:
     gan.discriminator = ray.train.torch.prepare_model(gan.discriminator, **kwargs)
     if gan.aux_classifier is not None:
         gan.aux_classifier = ray.train.torch.prepare_model(gan.aux_classifier, **kwargs)
+
+
+def _checkpoint_step(directory: Path) -> int:
+    return int(checkpoints.safe_load(directory / checkpoints.STATE_FILE)["progress"]["step"])
+
+
+def _ray_checkpoint_step(checkpoint) -> int:
+    with checkpoint.as_directory() as directory:
+        return _checkpoint_step(Path(directory))
 
 
 def _reseed(seed: int, rank: int, step: int) -> None:
@@ -208,6 +222,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     mlflow_client = tracking.client(loop_config["tracking_uri"]) if rank == 0 else None
     checkpoint = ray.train.get_checkpoint()
+    resume_from = loop_config.get("resume_from")
+    if resume_from and (checkpoint is None or _checkpoint_step(Path(resume_from)) > _ray_checkpoint_step(checkpoint)):
+        # Ray registers a checkpoint asynchronously: a driver killed just after one was written leaves it on
+        # storage but not in Ray's records. The driver found the newest complete one; it wins when newer.
+        checkpoint = ray.train.Checkpoint.from_directory(resume_from)
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             progress = checkpoints.restore(gan, Path(ckpt_dir))
@@ -215,6 +234,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             done = tracking.committed_step(mlflow_client, loop_config["run_id"])
             tracking.commit_metrics(mlflow_client, loop_config["run_id"], pending, after_step=done)
+            # a trace on the run (worker stdout can be lost when a worker dies): how often, and from where
+            restarts = int(mlflow_client.get_run(loop_config["run_id"]).data.tags.get(RESTARTS_TAG, "0")) + 1
+            mlflow_client.set_tag(loop_config["run_id"], RESTARTS_TAG, str(restarts))
+            mlflow_client.set_tag(loop_config["run_id"], RESUMED_FROM_TAG, str(progress["step"]))
             print(f"[gan-pipeline] resumed from checkpoint at step {progress['step']}/{steps}", flush=True)
     _reseed(cfg.train.seed, rank, progress["step"])
     wrap_ddp(gan)
@@ -282,8 +305,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}")
         if rank == 0:
-            # The checkpoint is persisted: now (and only now) the metrics it covers are committed.
-            tracking.commit_metrics(mlflow_client, loop_config["run_id"], pending)
+            # The checkpoint is persisted: now (and only now) the metrics it covers are committed; steps that
+            # MLflow already holds (from an attempt that outlived its driver) are not logged twice.
+            done = tracking.committed_step(mlflow_client, loop_config["run_id"])
+            tracking.commit_metrics(mlflow_client, loop_config["run_id"], pending, after_step=done)
             tracking.commit_images(mlflow_client, loop_config["run_id"], pending_pngs)
         pending, pending_pngs = [], {}
         _reseed(cfg.train.seed, rank, step)

@@ -189,11 +189,13 @@ def train_stage(cfg: PipelineConfig, run_name: Optional[str] = None, resume: Opt
                             "tracking_uri": uri})
         console_print(f"[gan-pipeline] training {run_name}: {cfg.model.name} on {manifest['dataset']} "
                       f"with {cfg.train.workers} worker(s); MLflow run {run_id}")
-    return run_training(cfg, mlflow_client, uri, run_name, run_id, data_path, manifest, console_print)
+    return run_training(cfg, mlflow_client, uri, run_name, run_id, data_path, manifest, console_print,
+                        resume_from=latest if resume else None)
 
 
 def run_training(cfg: PipelineConfig, mlflow_client, uri: str, run_name: str, run_id: str, data_path: str,
-                 manifest: dict, console_print: Callable[[str], None] = print) -> TrainResult:
+                 manifest: dict, console_print: Callable[[str], None] = print,
+                 resume_from: Optional[Path] = None) -> TrainResult:
     import mlflow
 
     start = time.perf_counter()
@@ -204,7 +206,8 @@ def run_training(cfg: PipelineConfig, mlflow_client, uri: str, run_name: str, ru
     try:
         with ray_session(cfg.train.address, cpus_needed=cpus, gpus_needed=workers if cfg.train.gpu else 0,
                          env=tracking.worker_env(uri)):
-            trainer = build_trainer(cfg, run_name=run_name, run_id=run_id, data_path=data_path, tracking_uri=uri)
+            trainer = build_trainer(cfg, run_name=run_name, run_id=run_id, data_path=data_path, tracking_uri=uri,
+                                    extra_loop_config={"resume_from": str(resume_from) if resume_from else None})
             with _system_metrics(run_id):
                 result = fit(trainer, mlflow_client, run_id)
         status = "FINISHED"

@@ -171,8 +171,10 @@ def tune_stage(cfg: PipelineConfig, space_file: Optional[str] = None) -> dict:
             finish_run(client, child.info.run_id, Path(local), result.checkpoint.path, f"{storage}/{sweep}", name)
 
     steps = cfg.train.max_steps
+    # max_t one past the last report: a trial that gets there ends by itself (and records its generator)
+    # instead of being stopped by the scheduler at its final report.
     scheduler = (ASHAScheduler(time_attr="training_iteration", grace_period=1, reduction_factor=2,
-                               max_t=max(1, (steps or 10 ** 6) // checkpoint_every))
+                               max_t=max(1, (steps or 10 ** 6) // checkpoint_every) + 1)
                  if cfg.tune.scheduler == "asha" else FIFOScheduler())
     search_alg = None
     if cfg.tune.search == "optuna":
@@ -231,6 +233,17 @@ def _conclude(cfg, results, space, mlflow_client, parent_id, sweep, seconds) -> 
     if not best_run:
         raise UserError("could not find the MLflow run of the best trial")
     best_run_id = best_run[0].info.run_id
+    checkpoint_path = best.metrics.get("checkpoint_path")
+    if mlflow_client.get_run(best_run_id).info.status != "FINISHED" and checkpoint_path:
+        # the best trial was stopped by the scheduler after its best report: record the generator of the
+        # checkpoint that report came with (TuneReportCallback passes its path)
+        from ray.train import Checkpoint
+
+        from pipelines.train import finish_run
+
+        with Checkpoint(checkpoint_path).as_directory() as local:
+            finish_run(mlflow_client, best_run_id, Path(local), checkpoint_path, str(Path(checkpoint_path).parent),
+                       best_run[0].data.tags.get("gan_pipeline.run_name", ""))
     from pipelines.evaluate import evaluate_stage
     from pipelines.register import register_stage
 

@@ -54,6 +54,13 @@ def stop_process(proc: subprocess.Popen, timeout: float = 5) -> None:
         proc.wait(timeout=timeout)
 
 
+def kill_orphaned_ray_workers() -> None:
+    """A driver killed with SIGKILL leaves its local Ray's training actors running for a while; a real crash of
+    the machine would take them along. Tests that kill a driver end them too, so they cannot write on."""
+    subprocess.run(["pkill", "-9", "-f", "ray::RayTrainWorker|ray::TrainController"], check=False)
+    time.sleep(1)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     """URI (``http://127.0.0.1:<port>``) of a real ``mlflow server`` on SQLite; stopped at session end."""

@@ -255,7 +255,9 @@ def test_generate_with_label_and_cycling(flow, tmp_path):
 
 def test_serving_answers_one_request(flow, tmp_path):
     port = free_port()
-    env = dict(os.environ, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false", MLFLOW_TRACKING_URI=flow["uri"])
+    # the server runs `uvicorn` through the shell: the virtual environment's bin must be on PATH
+    env = dict(os.environ, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false", MLFLOW_TRACKING_URI=flow["uri"],
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     mlflow_exe = str(Path(sys.executable).with_name("mlflow"))
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen([mlflow_exe, "models", "serve", "-m", f"models:/{flow['name']}@candidate",
