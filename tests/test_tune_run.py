@@ -43,14 +43,16 @@ def test_asha_sweep_tracks_trials_stops_a_bad_one_and_registers_the_best(small_m
     result = subprocess.run([EXE, "tune", "--model", "cgan", "--config", str(config), "--space", str(space),
                              "--samples", "1", "--max-concurrent", "1", "--workers-per-trial", "1",
                              "--max-steps", "16", "--data", small_mnist, "--runs-dir", str(tmp_path / "runs"),
-                             "--name", "tuned", *TINY], env=_env(mlflow_server), capture_output=True, text=True,
+                             "--name", "tuned", "--experiment", "asha-sweep", *TINY], env=_env(mlflow_server),
+                            capture_output=True, text=True,
                             timeout=900)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_server)
-    exp = client.get_experiment_by_name("gan-pipeline").experiment_id
+    # its own experiment: other tests' sweeps share the session's MLflow server
+    exp = client.get_experiment_by_name("asha-sweep").experiment_id
     parents = client.search_runs([exp], filter_string="tags.gan_pipeline.stage = 'tune'")
     assert len(parents) == 1
     parent = parents[0]
