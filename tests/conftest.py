@@ -61,6 +61,19 @@ def kill_orphaned_ray_workers() -> None:
     time.sleep(1)
 
 
+def kill_driver_after_checkpoint(proc: subprocess.Popen, storage: Path, pattern: str, timeout: float) -> None:
+    """Wait until a checkpoint matching ``pattern`` exists under ``storage``, then SIGKILL the driver's process
+    group and its orphaned Ray training actors: a driver crash in the middle of training."""
+    deadline = time.monotonic() + timeout
+    while not list(storage.glob(pattern)):
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.monotonic() < deadline, f"no checkpoint {pattern} within {timeout:.0f} s"
+        time.sleep(0.5)
+    os.killpg(proc.pid, 9)
+    proc.wait(timeout=30)
+    kill_orphaned_ray_workers()
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     """URI (``http://127.0.0.1:<port>``) of a real ``mlflow server`` on SQLite; stopped at session end."""

@@ -9,12 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -26,6 +23,7 @@ import torch
 from gan_models import GANSpec, build_gan
 from pipelines.config import PipelineConfig, TrackingConfig, build_config
 from pipelines.errors import UserError
+from tests.conftest import free_port, stop_process, wait_http
 
 
 pytestmark = pytest.mark.integration
@@ -34,39 +32,6 @@ NZ, NUM_CLASSES = 16, 10
 
 
 # ---------------------------------------------------------------- helpers
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode} before answering {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{what} did not answer {url} within {timeout:.0f} s")
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
-    """Terminate ``proc``'s process group (started with start_new_session=True; the server forks workers)."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=timeout)
-
-
 def make_training_run(uri: str, workdir: Path, *, conditional: bool = True, metrics: dict | None = None,
                       with_generator: bool = True, model: str = "cgan", dataset: str = "mnist", seed: int = 0) -> str:
     """A finished 'training run' as ``finish_run`` leaves it; returns its run id."""

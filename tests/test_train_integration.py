@@ -5,19 +5,17 @@ Each test runs ``gan-pipeline train`` as its own process, the way a user does.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipelines.checkpoints import safe_load
 from pipelines.config import DataConfig
 from pipelines.prepare import prepare_dataset
-from tests.conftest import free_port, kill_orphaned_ray_workers
+from tests.conftest import free_port, kill_driver_after_checkpoint
 
 pytestmark = pytest.mark.integration
 EXE = str(Path(sys.executable).parent / "gan-pipeline")
@@ -107,15 +105,7 @@ def test_killed_worker_restarts_from_checkpoint_without_duplicate_metrics(small_
 def test_killed_driver_resumes_with_resume(small_mnist, tmp_path, mlflow_server):
     proc = _train(["--model", "dcgan", "--workers", "1", "--max-steps", "40", "--data", small_mnist,
                    "--run-name", "killed-driver", *SMALL], tmp_path, mlflow_server, wait=False)
-    storage = tmp_path / "runs" / "checkpoints" / "killed-driver"
-    deadline = time.monotonic() + 240
-    while not (storage / "checkpoint_00000008").exists():
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    kill_orphaned_ray_workers()
+    kill_driver_after_checkpoint(proc, tmp_path / "runs" / "checkpoints" / "killed-driver", "checkpoint_00000008", 240)
     time.sleep(2)
     result = _train(["--resume", "killed-driver"], tmp_path, mlflow_server)
     output = result.stdout + result.stderr

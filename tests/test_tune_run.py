@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import kill_orphaned_ray_workers
+from tests.conftest import kill_driver_after_checkpoint
 
 from pipelines.config import DataConfig
 from pipelines.prepare import prepare_dataset
@@ -80,15 +79,7 @@ def test_run_interrupted_in_train_resumes_instead_of_starting_over(small_mnist, 
            "--checkpoint-every", "8", "--runs-dir", str(tmp_path / "runs"), "--run-name", "wf", *TINY]
     proc = subprocess.Popen(cmd, env=_env(mlflow_server), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-    storage = tmp_path / "runs" / "checkpoints"
-    deadline = time.monotonic() + 300
-    while not list(storage.glob("*/checkpoint_00000008")):
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    kill_orphaned_ray_workers()
+    kill_driver_after_checkpoint(proc, tmp_path / "runs" / "checkpoints", "*/checkpoint_00000008", 300)
     state = json.loads((tmp_path / "runs" / "pipelines" / "wf" / "state.json").read_text())
     assert state["stages"]["prepare"]["status"] == "done"
     assert state["stages"]["train"]["status"] == "running"
