@@ -8,13 +8,14 @@ shared machine falls on every side alike:
                   every Ray worker runs) in fp32 / bf16, with channels_last and/or torch.compile
 Ratios are against plain-fp32 (targets: pipe-fp32 >= 1.0, pipe-bf16 >= 1.5); per-round ratios give the spread.
 
-Part B (benchmark 3, --workers2): `gan-pipeline train --workers 2` (Ray Train, 2 x 1 thread, gloo) against the
-plain loop with 2 threads, at 32 and 64 px; the pipeline's steady images/s is its MLflow ``images_per_second``
-(first windows dropped); the plain loop is measured before AND after it (the mean is the reference).
+Part B (--workers2): benchmarks 1-3 through Ray Train, as users run them: `gan-pipeline train --workers 1|2`
+(gloo; 2 threads per worker for 1 worker, 1 thread each for 2) in fp32 and bf16, against the plain fp32 loop with
+every core, at 32 and 64 px; the pipeline's steady images/s is the median of its MLflow ``images_per_second``
+windows (first and last dropped); the plain loop is measured before AND after each run (the mean is the reference).
 
     python benchmarks/bench_speed.py                       # part A, 64 px, batch 64, ngf=ndf=64
     python benchmarks/bench_speed.py --variants plain-fp32,pipe-fp32,pipe-bf16 --rounds 5
-    python benchmarks/bench_speed.py --workers2 --resolutions 32,64
+    python benchmarks/bench_speed.py --workers2 [--workers 1,2] [--precision fp32,bf16] [--resolutions 32,64]
 """
 from __future__ import annotations
 
@@ -202,14 +203,16 @@ def plain_rate(images: torch.Tensor, resolution: int, args, steps: int) -> float
     return steps * args.batch_size / (time.perf_counter() - t0)
 
 
-def pipeline_rate(data_path: str, resolution: int, args, tmp: Path, workers: int, extra: list[str]) -> tuple:
-    uri = f"sqlite:///{tmp}/mlflow-{resolution}-{workers}.db"
-    steps = args.cli_steps
+def pipeline_rate(data_path: str, resolution: int, args, tmp: Path, workers: int, precision: str) -> tuple:
+    """`gan-pipeline train` as a user runs it (Ray Train, gloo); steady images/s from its MLflow windows."""
+    name = f"speed-{resolution}-{workers}-{precision}"
+    uri = f"sqlite:///{tmp}/mlflow-{name}.db"
+    steps = args.cli_steps * (64 // resolution) ** 2  # about the same seconds of training at every size
     cmd = [str(Path(sys.executable).parent / "gan-pipeline"), "train", "--model", "dcgan", "--data", data_path,
            "--workers", str(workers), "--max-steps", str(steps), "--batch-size", str(args.batch_size),
-           "--ngf", str(args.ngf), "--ndf", str(args.ngf), "--log-every", "5", "--checkpoint-every", str(steps),
-           "--sample-every", str(steps), "--runs-dir", str(tmp / f"runs-{resolution}-{workers}"),
-           "--run-name", f"speed-{resolution}-{workers}", *extra]
+           "--ngf", str(args.ngf), "--ndf", str(args.ngf), "--log-every", str(max(steps // 12, 1)),
+           "--checkpoint-every", str(steps), "--sample-every", str(steps), "--precision", precision,
+           "--runs-dir", str(tmp / f"runs-{name}"), "--run-name", name]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -220,32 +223,41 @@ def pipeline_rate(data_path: str, resolution: int, args, tmp: Path, workers: int
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("gan-pipeline").experiment_id])[0]
     hist = sorted(client.get_metric_history(run.info.run_id, "images_per_second"), key=lambda m: m.step)
-    steady = [m.value for m in hist[1:]] or [m.value for m in hist]
-    return statistics.mean(steady), min(steady), max(steady), wall, " ".join(cmd)
+    # The first window holds the first steps' allocations; the last one the final checkpoint and sample grid.
+    steady = [m.value for m in hist[1:-1]] or [m.value for m in hist]
+    return statistics.median(steady), min(steady), max(steady), wall, " ".join(cmd)
 
 
 def part_b(args, tmp: Path) -> None:
+    """Benchmarks 1-3 through Ray Train: ``gan-pipeline train --workers N`` against the plain fp32 loop using
+    every core, measured right before and right after each pipeline run (their mean is the reference)."""
     from pipelines.config import DataConfig
     from pipelines.data.reader import load_split
     from pipelines.prepare import prepare_dataset
 
     torch.set_num_threads(os.cpu_count() or 1)
-    print(f"\nPart B: {args.workers} Ray Train workers x 1 thread vs the plain loop with "
-          f"{torch.get_num_threads()} threads; batch {args.batch_size} per worker, ngf=ndf={args.ngf}")
+    print(f"\nPart B: gan-pipeline train (Ray Train workers x {os.cpu_count()} // workers threads) vs the plain fp32 "
+          f"loop with {torch.get_num_threads()} threads; batch {args.batch_size} per worker, ngf=ndf={args.ngf}")
+    rows = []
     for resolution in [int(r) for r in args.resolutions.split(",")]:
         data = prepare_dataset(DataConfig(dataset="mnist", resolution=resolution),
                                out=str(tmp / f"mnist{resolution}")).path
         images = torch.from_numpy(load_split(data, "train")[0][:4096].copy())
-        before = plain_rate(images, resolution, args, args.plain_steps)
-        mean, lo, hi, wall, cmd = pipeline_rate(data, resolution, args, tmp, args.workers,
-                                                ["--precision", args.precision])
-        after = plain_rate(images, resolution, args, args.plain_steps)
-        plain = (before + after) / 2
-        print(f"  {resolution}px plain loop: {before:.1f} before / {after:.1f} after (mean {plain:.1f}) img/s; "
-              f"pipeline {args.workers} workers {args.precision}: {mean:.1f} img/s (windows {lo:.1f}..{hi:.1f}), "
-              f"ratio {mean / plain:.2f} (range {lo / max(before, after):.2f}..{hi / min(before, after):.2f}), "
-              f"wall {wall:.0f}s incl. startup", flush=True)
-        print(f"    pipeline command: {cmd}")
+        for workers in [int(w) for w in args.workers.split(",")]:
+            for precision in args.precision.split(","):
+                before = plain_rate(images, resolution, args, args.plain_steps * (64 // resolution) ** 2)
+                med, lo, hi, wall, cmd = pipeline_rate(data, resolution, args, tmp, workers, precision)
+                after = plain_rate(images, resolution, args, args.plain_steps * (64 // resolution) ** 2)
+                plain = (before + after) / 2
+                rows.append((resolution, workers, precision, plain, med, lo, hi, wall))
+                print(f"  {resolution}px {workers} worker(s) {precision}: plain {before:.1f} before / {after:.1f} after; "
+                      f"pipeline median window {med:.1f} img/s ({lo:.1f}..{hi:.1f}); ratio {med / plain:.2f}; "
+                      f"wall {wall:.0f}s incl. Ray start\n    $ {cmd}", flush=True)
+    print(f"\n{'px':>3s} {'workers':>7s} {'precision':>9s} {'plain fp32':>10s} {'pipeline':>9s} {'ratio':>6s} "
+          f"{'window range ratio':>19s}")
+    for resolution, workers, precision, plain, med, lo, hi, wall in rows:
+        print(f"{resolution:3d} {workers:7d} {precision:>9s} {plain:10.1f} {med:9.1f} {med / plain:6.2f} "
+              f"{lo / plain:9.2f} .. {hi / plain:.2f}")
 
 
 def main() -> None:
@@ -258,12 +270,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"from {ALL_VARIANTS}")
-    parser.add_argument("--workers2", action="store_true", help="run part B instead of part A")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers2", action="store_true", help="run part B (through Ray Train) instead of part A")
+    parser.add_argument("--workers", default="1,2", help="part B: worker counts")
     parser.add_argument("--resolutions", default="32,64")
-    parser.add_argument("--cli-steps", type=int, default=40)
+    parser.add_argument("--cli-steps", type=int, default=60, help="part B: pipeline steps at 64 px (x4 at 32 px)")
     parser.add_argument("--plain-steps", type=int, default=8)
-    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--precision", default="fp32,bf16", help="part B: pipeline precisions")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print("machine:", machine_info())

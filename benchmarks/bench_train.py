@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gan_models import GANSpec, build_gan, train_step  # noqa: E402
-from pipelines.config import DataConfig  # noqa: E402
+from gan_models.performance import apply_options  # noqa: E402
+from pipelines.config import DataConfig, TrainConfig  # noqa: E402
 from pipelines.data.reader import TrainReader  # noqa: E402
 from pipelines.loop import BatchStream  # noqa: E402
 from pipelines.prepare import prepare_dataset  # noqa: E402
@@ -34,7 +35,7 @@ def plain_loop(data_path: str, args, threads: int) -> float:
     """The pytorch/examples-style loop: one process, the same networks, step and batch size."""
     torch.set_num_threads(threads)
     spec = GANSpec(resolution=args.resolution, channels=1, ngf=args.ngf, ndf=args.ngf, nz=100)
-    gan = build_gan(spec, seed=0)
+    gan = apply_options(build_gan(spec, seed=0), channels_last=TrainConfig().channels_last)  # as the loop does
     stream = BatchStream(TrainReader(data_path, 0, 1, args.batch_size, seed=0), torch.device("cpu"))
     for _ in range(10):
         train_step(gan, stream)

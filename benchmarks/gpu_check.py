@@ -1,4 +1,4 @@
-"""GPU speed check (run by benchmarks/gpu_check.sh; NOT run yet: no GPU where it was written).
+"""GPU speed check (run by benchmarks/gpu_check.sh).
 
 Benchmarks 1-2 of the issue on one CUDA device, side by side in one process, variants interleaved per round:
 the plain pytorch/examples-style loop (benchmarks/bench_speed.py) in fp32/bf16 against the pipeline's step in fp32,
@@ -82,6 +82,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--variants", default=None, help="comma-separated subset (default: all)")
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True  # as pipelines/loop.py sets it on GPU workers
     print("machine:", machine_info())
@@ -98,6 +99,8 @@ def main():
         "pipe-fp32-compile": lambda: Pipe(data, args, "fp32", False, True),
         "pipe-bf16-cl-compile": lambda: Pipe(data, args, "bf16", True, True),
     }
+    if args.variants:
+        makers = {n: makers[n] for n in args.variants.split(",")}
     sides = {}
     for name, make in makers.items():
         t0 = time.perf_counter()

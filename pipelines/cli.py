@@ -59,7 +59,8 @@ TRAIN_OPTS = [
     Opt("train.batch_size", ("--batch-size",), int, "batch size per worker"),
     Opt("train.seed", ("--seed",), int, "random seed"),
     Opt("train.precision", ("--precision",), click.Choice(["fp32", "bf16", "fp16"]), "autocast precision"),
-    Opt("train.channels_last", ("--channels-last",), None, "NHWC memory format for G and D", is_flag=True),
+    Opt("train.channels_last", ("--channels-last/--no-channels-last",), None,
+        "NHWC memory format for G and D (default on: 1.1-1.3x on CPU, neutral on GPU)", is_flag=True),
     Opt("train.compile", ("--compile",), None, "torch.compile G and D", is_flag=True),
     Opt("train.checkpoint_every", ("--checkpoint-every",), int, "generator steps between checkpoints"),
     Opt("train.log_every", ("--log-every",), int, "generator steps between metric logs"),
@@ -96,8 +97,8 @@ def config_options(*groups: list[Opt], model_choice: bool = True) -> Callable:
             overrides: dict[str, dict[str, Any]] = {}
             for opt in opts:
                 value = kwargs.pop(opt.param)
-                if opt.is_flag and not value:
-                    value = None  # an absent flag must not override a YAML 'true'
+                if opt.is_flag and not value and "/" not in opt.flags[0]:
+                    value = None  # an absent flag must not override a YAML 'true'; --no-x is a real False
                 section, key = opt.key.split(".")
                 overrides.setdefault(section, {})[key] = value
             try:

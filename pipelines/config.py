@@ -97,7 +97,8 @@ class TrainConfig(_Strict):
     batch_size: int = Field(64, ge=2, description="per worker")
     seed: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    channels_last: bool = Field(False, description="NHWC memory format for G, D and batches (docs/performance.md)")
+    channels_last: bool = Field(True, description="NHWC memory format for G, D and batches: faster on CPU, "
+                                                 "neutral on GPU (docs/performance.md)")
     compile: bool = Field(False, description="torch.compile G and D (docs/performance.md)")
     checkpoint_every: int = Field(200, ge=1, description="generator steps between checkpoints")
     keep_checkpoints: int = Field(3, ge=1)

@@ -71,3 +71,16 @@ def test_help_lists_every_stage():
     result = CliRunner().invoke(cli, ["--help"])
     for command in ("prepare", "train", "evaluate", "register", "run", "tune", "promote", "generate", "models"):
         assert f"  {command} " in result.output
+
+
+def test_on_by_default_flags_can_be_switched_off_and_absent_flags_keep_the_yaml(tmp_path):
+    runner = CliRunner()
+    on = runner.invoke(cli, ["train", "--dry-run"])
+    off = runner.invoke(cli, ["train", "--no-channels-last", "--dry-run"])
+    assert "channels_last: true" in on.output and "channels_last: false" in off.output
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  channels_last: false\n  gpu: false\n")
+    kept = runner.invoke(cli, ["train", "--config", str(config), "--dry-run"])
+    assert "channels_last: false" in kept.output, kept.output
+    back_on = runner.invoke(cli, ["train", "--config", str(config), "--channels-last", "--dry-run"])
+    assert "channels_last: true" in back_on.output

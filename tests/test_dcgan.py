@@ -46,3 +46,17 @@ def test_same_seed_same_weights():
         return torch.cat([p.flatten() for p in gan.generator.parameters()])
 
     assert torch.equal(run(), run())
+
+
+def test_generator_phase_computes_no_discriminator_weight_gradients():
+    """G's update backpropagates through D for the input gradients only; D's weight gradients would be thrown
+    away, so they are never computed (and D's flags are restored for its own phase)."""
+    from gan_models.step import generator_phase
+
+    gan = build_gan(GANSpec(resolution=28, channels=1, ngf=8, ndf=8, nz=16, conditional=True,
+                            aux_class_weight=1.0), seed=0)
+    critic_side = list(gan.discriminator.parameters()) + list(gan.aux_classifier.parameters())
+    generator_phase(gan, batch=4)
+    assert all(p.grad is None for p in critic_side)
+    assert all(p.requires_grad for p in critic_side)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gan.generator.parameters())
