@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--num-samples", type=int, default=10000, help="evaluate's samples per side")
     parser.add_argument("--calibration-steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=None, help="training seed for both runs (default: the config's)")
     parser.add_argument("--workdir", default=None, help="runs dir (keeps the domain classifier cached)")
     args = parser.parse_args()
     from mlflow.tracking import MlflowClient
@@ -88,6 +89,8 @@ def main() -> None:
         cmd = [exe, "train", "--model", args.model, "--data", data, "--precision", p, "--max-steps", str(steps),
                "--checkpoint-every", str(steps), "--sample-every", str(steps), "--log-every", "20",
                "--runs-dir", str(work / "runs"), "--run-name", name]
+        if args.seed is not None:
+            cmd += ["--seed", str(args.seed)]
         print(f"[{p}] calibrated {rates[p]:.2f} steps/s -> {steps} steps for {args.minutes} min\n  $ {' '.join(cmd)}",
               flush=True)
         t0 = time.perf_counter()
