@@ -221,13 +221,16 @@ def generator_phase(gan: GAN, batch: int, fake_batch: Optional[tuple] = None) ->
         labels = gan.random_labels(batch)
         with gan.autocast():
             fake = gan.generator(gan.noise(batch), labels)
-    with _frozen(gan.discriminator, gan.aux_classifier), _no_sync(gan.discriminator), gan.autocast():
-        scores = gan.discriminator(fake, labels)
+    aux_logits = None
+    with _frozen(gan.discriminator, gan.aux_classifier), gan.autocast():
+        with _no_sync(gan.discriminator):
+            scores = gan.discriminator(fake, labels)
+        if gan.aux_classifier is not None:
+            with _no_sync(gan.aux_classifier):
+                aux_logits = gan.aux_classifier(fake)
     loss = gan.objective.generator_loss(scores)
     stats = {}
-    if gan.aux_classifier is not None:
-        with _frozen(gan.discriminator, gan.aux_classifier), _no_sync(gan.aux_classifier), gan.autocast():
-            aux_logits = gan.aux_classifier(fake)
+    if aux_logits is not None:
         aux_loss = F.cross_entropy(aux_logits.float(), labels)
         stats["aux_loss_fake"] = aux_loss.detach()
         loss = loss + gan.spec.aux_class_weight * aux_loss
