@@ -23,8 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gan_models import build_gan, train_step  # noqa: E402
-from gan_models.performance import apply_options, machine_info  # noqa: E402
+from gan_models import train_step  # noqa: E402
+from gan_models.performance import machine_info  # noqa: E402
 
 SCORES = ["domain_fd", "precision", "recall", "label_accuracy", "kid", "density", "coverage"]
 
@@ -32,14 +32,13 @@ SCORES = ["domain_fd", "precision", "recall", "label_accuracy", "kid", "density"
 def calibrate(cfg, data_path: str, precisions: list[str], steps: int, rounds: int = 2) -> dict[str, float]:
     """Generator steps per second of the pipeline's step for each precision, interleaved."""
     from pipelines.data.reader import TrainReader, load_manifest
-    from pipelines.loop import BatchStream, gan_spec
+    from pipelines.loop import BatchStream, build_training_gan
 
     manifest = load_manifest(data_path)
     sides = {}
     for p in precisions:
-        spec = gan_spec(cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": p})}),
-                        manifest["resolution"], manifest["channels"], len(manifest["class_names"]))
-        gan = apply_options(build_gan(spec, seed=0), channels_last=cfg.train.channels_last, compile=cfg.train.compile)
+        gan = build_training_gan(cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": p})}),
+                                 manifest)
         stream = BatchStream(TrainReader(data_path, 0, 1, cfg.train.batch_size, seed=0), torch.device("cpu"))
         for _ in range(3):
             train_step(gan, stream)

@@ -25,8 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gan_models import build_gan, train_step  # noqa: E402
-from gan_models.performance import apply_options, machine_info  # noqa: E402
+from gan_models import train_step  # noqa: E402
+from gan_models.performance import machine_info  # noqa: E402
 
 
 class TimedStream:
@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     from pipelines.config import build_config
     from pipelines.data.reader import TrainReader, load_manifest
-    from pipelines.loop import BatchStream, gan_spec
+    from pipelines.loop import BatchStream, build_training_gan
     from pipelines.prepare import prepare_dataset
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -61,8 +61,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = prepare_dataset(cfg.data, out=str(Path(tmp) / "data")).path
         manifest = load_manifest(data)
-        spec = gan_spec(cfg, manifest["resolution"], manifest["channels"], len(manifest["class_names"]))
-        gan = apply_options(build_gan(spec, seed=0), channels_last=cfg.train.channels_last, compile=cfg.train.compile)
+        gan = build_training_gan(cfg, manifest)
+        spec = gan.spec
         stream = TimedStream(BatchStream(TrainReader(data, 0, 1, cfg.train.batch_size, seed=0), torch.device("cpu")))
         for _ in range(10):
             train_step(gan, stream)

@@ -42,6 +42,14 @@ def gan_spec(cfg: PipelineConfig, resolution: int, channels: int, num_classes: i
     )
 
 
+def build_training_gan(cfg: PipelineConfig, manifest: dict, device: torch.device = torch.device("cpu")) -> GAN:
+    """The GAN a worker trains: the config's spec for this dataset, weights seeded by ``train.seed``, the speed
+    options applied. The benchmarks build their pipeline side with it too, so they measure what runs."""
+    spec = gan_spec(cfg, manifest["resolution"], manifest["channels"], max(len(manifest["class_names"]), 2))
+    gan = build_gan(spec, device=device, seed=cfg.train.seed)
+    return performance.apply_options(gan, channels_last=cfg.train.channels_last, compile=cfg.train.compile)
+
+
 def total_steps(cfg: PipelineConfig, steps_per_epoch: int) -> int:
     """Generator steps of the run: ``max_steps``, else ``epochs`` of real batches (n_critic per step)."""
     if cfg.train.max_steps:
@@ -209,9 +217,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.backends.cudnn.benchmark = True
 
     manifest = load_manifest(loop_config["data_path"])
-    spec = gan_spec(cfg, manifest["resolution"], manifest["channels"], max(len(manifest["class_names"]), 2))
-    gan = build_gan(spec, device=device, seed=cfg.train.seed)
-    performance.apply_options(gan, channels_last=cfg.train.channels_last, compile=cfg.train.compile)
+    gan = build_training_gan(cfg, manifest, device)
+    spec = gan.spec
     reader = TrainReader(loop_config["data_path"], rank=rank, world_size=world,
                          batch_size=cfg.train.batch_size, seed=cfg.train.seed)
     steps = total_steps(cfg, reader.steps_per_epoch)
