@@ -129,6 +129,16 @@ def load_generator(directory: Path, device: str = "cpu") -> tuple[Generator, GAN
     return generator.to(device).eval(), spec, run_config
 
 
+def checkpoint_dir_name(step: int) -> str:
+    """Zero-padded, so that names sort by step (``latest_checkpoint``) and tell their step (``checkpoint_step``)."""
+    return f"checkpoint_{step:08d}"
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step a checkpoint directory (local path or storage URI) was written at, from its name."""
+    return int(Path(str(path)).name.removeprefix("checkpoint_"))
+
+
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     """The newest ``checkpoint_*`` directory under a Ray Train run directory that holds a complete state."""
     candidates = sorted(p for p in Path(run_dir).glob("checkpoint_*") if (p / STATE_FILE).is_file())

@@ -167,15 +167,6 @@ def wrap_ddp(gan: GAN) -> None:
         gan.aux_classifier = ray.train.torch.prepare_model(gan.aux_classifier, **kwargs)
 
 
-def _checkpoint_step(directory: Path) -> int:
-    return int(checkpoints.safe_load(directory / checkpoints.STATE_FILE)["progress"]["step"])
-
-
-def _ray_checkpoint_step(checkpoint) -> int:
-    with checkpoint.as_directory() as directory:
-        return _checkpoint_step(Path(directory))
-
-
 def _reseed(seed: int, rank: int, step: int) -> None:
     """Noise streams restart at every checkpoint from (seed, rank, step): a run resumed from step S draws
     exactly the noise the uninterrupted run drew after S, and each rank draws different noise."""
@@ -230,7 +221,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     mlflow_client = tracking.client(loop_config["tracking_uri"]) if rank == 0 else None
     checkpoint = ray.train.get_checkpoint()
     resume_from = loop_config.get("resume_from")
-    if resume_from and (checkpoint is None or _checkpoint_step(Path(resume_from)) > _ray_checkpoint_step(checkpoint)):
+    if resume_from and (checkpoint is None
+                        or checkpoints.checkpoint_step(resume_from) > checkpoints.checkpoint_step(checkpoint.path)):
         # Ray registers a checkpoint asynchronously: a driver killed just after one was written leaves it on
         # storage but not in Ray's records. The driver found the newest complete one; it wins when newer.
         checkpoint = ray.train.Checkpoint.from_directory(resume_from)
@@ -310,7 +302,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 checkpoints.write_checkpoint(Path(tmp), gan, progress, run_config, pending, pending_pngs)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}")
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoints.checkpoint_dir_name(step))
         if rank == 0:
             # The checkpoint is persisted: now (and only now) the metrics it covers are committed; steps that
             # MLflow already holds (from an attempt that outlived its driver) are not logged twice.

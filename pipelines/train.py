@@ -175,6 +175,7 @@ def train_stage(cfg: PipelineConfig, run_name: Optional[str] = None, resume: Opt
         storage = record.get("storage", storage_root(cfg))
         latest = checkpoints.latest_checkpoint(Path(storage) / run_name) if "://" not in storage else None
         if latest is not None:
+            # a full (weights-only) load, not just the name: a planted state.pt is refused here, before Ray starts
             step = f"step {checkpoints.safe_load(latest / checkpoints.STATE_FILE)['progress']['step']}"
         console_print(f"[gan-pipeline] resuming {run_name} (MLflow run {run_id}); last checkpoint: {step}")
     else:
