@@ -8,7 +8,6 @@ generator always gets the same score.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -18,9 +17,10 @@ import numpy as np
 import torch
 
 from gan_models.sampling import generate, image_grid, save_png, to_uint8
-from pipelines import checkpoints, tracking
+from pipelines import checkpoints, tags, tracking
 from pipelines.config import PipelineConfig
 from pipelines.errors import UserError
+from pipelines.files import atomic_write
 
 
 def domain_classifier(cfg: PipelineConfig, data_path: str, manifest: dict):
@@ -154,17 +154,12 @@ def _real_floor(cfg, data_path, manifest, classifier, real_x, real_y, spec, cach
     floor = real_floor(train_x, real_x, classifier, cfg.eval, train_labels=train_y, heldout_labels=real_y,
                        conditional=False, num_classes=spec.num_classes, names=names, cache=cache)
     floor = {k: float(v) for k, v in floor.items() if isinstance(v, (int, float, np.floating))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(floor))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(floor))
     return floor
 
 
 def _write_outputs(out_dir: Path, metrics: dict, fake: torch.Tensor, spec, generator) -> None:
-    tmp = out_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    os.replace(tmp, out_dir / "metrics.json")
+    atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
     save_png(image_grid(fake[:64], nrow=8), out_dir / "samples.png")
     if spec.conditional:
         per_class = 10
@@ -182,15 +177,15 @@ def _log(mlflow_client, run_id: str, metrics: dict, out_dir: Path, cfg: Pipeline
         # a registered model gets a linked evaluation run rather than new numbers on its training run
         exp = mlflow_client.get_run(run_id).info.experiment_id
         target = mlflow_client.create_run(exp, run_name=f"evaluate {model_uri}", tags={
-            "gan_pipeline.stage": "evaluate", "gan_pipeline.evaluates": model_uri,
-            "gan_pipeline.source_run_id": run_id}).info.run_id
+            tags.STAGE: "evaluate", tags.EVALUATES: model_uri,
+            tags.SOURCE_RUN_ID: run_id}).info.run_id
     items = [Metric(k, v, now, 0) for k, v in metrics.items()]
     for start in range(0, len(items), 1000):
         mlflow_client.log_batch(target, metrics=items[start:start + 1000])
-    tags = {"eval.num_samples": str(cfg.eval.num_samples), "eval.seed": str(cfg.eval.seed),
+    eval_tags = {"eval.num_samples": str(cfg.eval.num_samples), "eval.seed": str(cfg.eval.seed),
             "eval.classifier_fingerprint": str(getattr(classifier, "fingerprint", "")),
             "eval.reference": "heldout split"}
-    for key, value in tags.items():
+    for key, value in eval_tags.items():
         mlflow_client.set_tag(target, key, value)
     for name in ("metrics.json", "samples.png", "class_grid.png"):
         if (out_dir / name).exists():

@@ -6,13 +6,12 @@ What the model takes (conditional? how many classes? nz?) is read from the loade
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from pipelines.config import PipelineConfig
 from pipelines.errors import UserError
+from pipelines.files import atomic_write
 
 
 def model_info(model) -> dict:
@@ -50,18 +49,6 @@ def slerp(z0, z1, steps: int):
         return (1 - t) * z0 + t * z1
     so = torch.sin(omega)
     return torch.sin((1 - t) * omega) / so * z0 + torch.sin(t * omega) / so * z1
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load(model_uri: str):
@@ -139,12 +126,12 @@ def generate_stage(cfg: PipelineConfig, model_uri: str, n: int = 64, label: Opti
     tensor = torch.from_numpy(images)
     if fmt == "npy":
         array = to_uint8(tensor).numpy()
-        _atomic_write(path, lambda fh: np.save(fh, array))
+        atomic_write(path, lambda fh: np.save(fh, array))
     else:
         from PIL import Image
 
         grid = Image.fromarray(image_grid(tensor, nrow=nrow))
-        _atomic_write(path, lambda fh: grid.save(fh, format="PNG"))
+        atomic_write(path, lambda fh: grid.save(fh, format="PNG"))
     what = f"interpolation strip of {n} steps" if interpolate else f"{n} images"
     print(f"wrote {what} {tuple(images.shape[1:])} from {model_uri} to {path}", flush=True)
     return {"out": str(path), "shape": tuple(images.shape), "labels": None if labels is None else labels.tolist()}

@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
+from pipelines import tags
 from pipelines.config import ConfigError, PipelineConfig, config_from_dict
 from pipelines.errors import UserError
 from pipelines.tracking import redact_uri
@@ -43,51 +44,15 @@ MODEL_NAME = "generator_pyfunc"
 METRIC_TAG_PREFIX = "metric."
 METADATA_KEY = "gan_pipeline"
 
-# Logged by the training loop every few steps: not evaluation results, never copied to version tags.
-TRAINING_METRICS = frozenset({
-    "d_loss", "g_loss", "wasserstein_estimate", "gradient_penalty", "aux_loss_real", "aux_loss_fake",
-    "d_grad_norm", "g_grad_norm", "d_real", "d_fake", "images_per_second", "epoch", "lr_g", "lr_d",
-})
-# Used only if pipelines.metrics.suite cannot be imported.
-_FALLBACK_DIRECTION = {
-    "domain_fd": "min", "domain_kid_mean": "min", "precision": "max", "recall": "max", "density": "max",
-    "coverage": "max", "classifier_score": "max", "class_kl": "min", "label_accuracy": "max",
-    "domain_fd_class_mean": "min", "inception_fd": "min", "inception_kid_mean": "min",
-}
 # Columns of ``models show`` (those present).
 KEY_METRICS = ("domain_fd", "precision", "recall", "label_accuracy", "inception_fd")
 
 
 # ---------------------------------------------------------------- helpers
-def metric_direction(name: str) -> Optional[str]:
-    """"min" / "max" / None, from ``pipelines.metrics.suite`` when importable, else a built-in table."""
-    try:
-        from pipelines.metrics.suite import metric_direction as suite_direction
-
-        return suite_direction(name)
-    except Exception:  # noqa: BLE001 - metrics are optional here (heavy deps, being rewritten)
-        pass
-    try:
-        from pipelines.metrics.suite import METRIC_DIRECTION
-
-        table = METRIC_DIRECTION
-    except Exception:  # noqa: BLE001
-        table = _FALLBACK_DIRECTION
-    if name in table:
-        return table[name]
-    return "min" if name.startswith("domain_fd_class_") else None
-
-
-def _known_metrics() -> list[str]:
-    try:
-        from pipelines.metrics.suite import METRIC_DIRECTION
-
-        return sorted(METRIC_DIRECTION)
-    except Exception:  # noqa: BLE001
-        return sorted(_FALLBACK_DIRECTION)
-
-
 def _is_eval_metric(name: str) -> bool:
+    """Training curves (step statistics, loop metrics) and MLflow system metrics are not evaluation results."""
+    from pipelines.training_metrics import TRAINING_METRICS
+
     return name not in TRAINING_METRICS and not name.startswith("system/")
 
 
@@ -237,9 +202,9 @@ def _default_name(cfg: PipelineConfig, run, run_config: dict) -> str:
             return config_from_dict(recorded).registered_name
         except ConfigError:
             pass
-    tags = run.data.tags
-    dataset = tags.get("gan_pipeline.dataset") or run_config.get("dataset") or cfg.data.dataset
-    model = tags.get("gan_pipeline.model") or cfg.model.name
+    run_tags = run.data.tags
+    dataset = run_tags.get(tags.DATASET) or run_config.get("dataset") or cfg.data.dataset
+    model = run_tags.get(tags.MODEL) or cfg.model.name
     return f"{dataset}-{model}"
 
 
@@ -310,12 +275,12 @@ def register_stage(cfg: PipelineConfig, run_id: str) -> dict:
         load_generator(local)
 
         name = _default_name(cfg, run, run_config)
-        tags = run.data.tags
+        run_tags = run.data.tags
         params = run.data.params
         conditional = bool(spec.get("conditional", False))
         num_classes = int(spec.get("num_classes", 10)) if conditional else None
-        family = tags.get("gan_pipeline.model") or (run_config.get("config") or {}).get("model", {}).get("name", "")
-        dataset = tags.get("gan_pipeline.dataset") or run_config.get("dataset") or ""
+        family = run_tags.get(tags.MODEL) or (run_config.get("config") or {}).get("model", {}).get("name", "")
+        dataset = run_tags.get(tags.DATASET) or run_config.get("dataset") or ""
         manifest = params.get("data.manifest_hash") or run_config.get("manifest_hash") or ""
         class_names = run_config.get("class_names")
         metadata = {METADATA_KEY: {
@@ -379,9 +344,11 @@ def promote_stage(cfg: PipelineConfig, name: str, version: Optional[str] = None,
     model = _get_registered_model(client, name)
     candidate = _resolve_version(client, model, version, from_alias)
     metric = metric or cfg.registry.promote_metric
+    from pipelines.metrics.suite import METRIC_DIRECTION, metric_direction
+
     direction = metric_direction(metric)
     if direction is None:
-        raise UserError(f"metric {metric!r} has no better/worse direction; choose one of {', '.join(_known_metrics())}")
+        raise UserError(f"metric {metric!r} has no better/worse direction; choose one of {', '.join(sorted(METRIC_DIRECTION))}")
 
     champion = None
     if to_alias in (model.aliases or {}):
@@ -487,11 +454,11 @@ def models_show_stage(cfg: PipelineConfig, name: str) -> list[dict]:
         table.add_column(column, overflow="fold")
     rows = []
     for v in versions:
-        tags = v.tags or {}
+        run_tags = v.tags or {}
         metrics = {m: _version_metric(client, v, m) for m in metric_names}
         row = {"version": str(v.version), "aliases": by_version.get(str(v.version), []), "metrics": metrics,
-               "model_family": tags.get("model_family", ""), "dataset": tags.get("dataset", ""),
-               "manifest_hash": tags.get("manifest_hash", ""), "run_id": v.run_id or tags.get("source_run_id", ""),
+               "model_family": run_tags.get("model_family", ""), "dataset": run_tags.get("dataset", ""),
+               "manifest_hash": run_tags.get("manifest_hash", ""), "run_id": v.run_id or run_tags.get("source_run_id", ""),
                "created": _created(v.creation_timestamp)}
         rows.append(row)
         table.add_row(f"v{v.version}", ", ".join(f"@{a}" for a in row["aliases"]) or "-",

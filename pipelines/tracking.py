@@ -19,10 +19,6 @@ from typing import Iterable, Optional
 
 from pipelines.errors import TrackingUnavailable
 
-# Keys logged every log step; the first one tells how far a run's committed history goes.
-PROGRESS_METRIC = "g_loss"
-
-
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail in seconds, before any compute, when the tracking server cannot be reached."""
     if not uri.startswith(("http://", "https://")):
@@ -129,6 +125,8 @@ def log_params(mlflow_client, run_id: str, params: dict) -> None:
 
 def committed_step(mlflow_client, run_id: str) -> int:
     """The last step whose metrics MLflow holds (-1 when none)."""
+    from pipelines.training_metrics import PROGRESS_METRIC
+
     history = mlflow_client.get_metric_history(run_id, PROGRESS_METRIC)
     return max((m.step for m in history), default=-1)
 

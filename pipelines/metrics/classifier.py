@@ -14,9 +14,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import pickle
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from pipelines.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -279,28 +279,14 @@ def cache_paths(cache_dir: str | Path, manifest_hash: str) -> tuple[Path, Path]:
     return d / f"{stem}.pt", d / f"{stem}.json"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_classifier(model: DomainClassifier, weights_path: Path, sidecar_path: Path, extra: Optional[dict] = None) -> None:
     """``state_dict`` via ``torch.save`` (tensors only) + JSON sidecar; each written atomically (temp + replace)."""
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     meta = model.meta() | (extra or {})
     # weights first: a sidecar never points at weights that are not there yet
-    _atomic_write(Path(weights_path), buf.getvalue())
-    _atomic_write(Path(sidecar_path), json.dumps(meta, indent=2, sort_keys=True).encode())
+    atomic_write(Path(weights_path), buf.getvalue())
+    atomic_write(Path(sidecar_path), json.dumps(meta, indent=2, sort_keys=True).encode())
 
 
 def load_classifier(weights_path: Path, sidecar_path: Path) -> DomainClassifier:
