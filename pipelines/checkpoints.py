@@ -8,6 +8,8 @@ A checkpoint directory holds:
     config.json         the resolved PipelineConfig and the data geometry
     pending_metrics.json  metrics produced since the previous checkpoint (committed to MLflow after this one)
     samples/*.png       fixed-noise grids produced since the previous checkpoint
+
+The names below are the artifact layout's one owner, the run artifacts a finished run leaves included.
 """
 from __future__ import annotations
 
@@ -27,6 +29,10 @@ GENERATOR_FILE = "generator.pt"
 CONFIG_FILE = "config.json"
 PENDING_METRICS_FILE = "pending_metrics.json"
 SAMPLES_DIR = "samples"
+# A finished training run's MLflow artifacts: GENERATOR_FILE and CONFIG_FILE of its final checkpoint under this
+# folder (what evaluate and register read), and the loss-curve figure.
+GENERATOR_ARTIFACT_DIR = "generator"
+LOSS_CURVES_ARTIFACT = "loss_curves.png"
 
 
 class CheckpointError(UserError):

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from gan_models.sampling import generate, image_grid, save_png, to_uint8
+from gan_models.sampling import evaluation_inputs, generate, image_grid, save_png, to_uint8
 from pipelines import checkpoints, tags, tracking
 from pipelines.config import PipelineConfig
 from pipelines.errors import UserError
@@ -60,13 +60,14 @@ def classifier_epochs(cfg: PipelineConfig, manifest: dict) -> int:
 
 def _download_generator(mlflow_client, run_id: str, target: Path) -> Path:
     try:
-        names = {a.path for a in mlflow_client.list_artifacts(run_id, "generator")}
+        names = {a.path for a in mlflow_client.list_artifacts(run_id, checkpoints.GENERATOR_ARTIFACT_DIR)}
     except Exception as exc:  # noqa: BLE001 - unknown run ids surface as various MLflow errors
         raise UserError(f"MLflow run {run_id!r} not found or unreadable: {exc}") from None
-    if "generator/generator.pt" not in names:
-        raise UserError(f"MLflow run {run_id} has no generator artifacts (generator/generator.pt): it is not a "
+    weights = f"{checkpoints.GENERATOR_ARTIFACT_DIR}/{checkpoints.GENERATOR_FILE}"
+    if weights not in names:
+        raise UserError(f"MLflow run {run_id} has no generator artifacts ({weights}): it is not a "
                         f"finished gan-pipeline training run; train it to the end first (gan-pipeline train --resume)")
-    return Path(mlflow_client.download_artifacts(run_id, "generator", str(target)))
+    return Path(mlflow_client.download_artifacts(run_id, checkpoints.GENERATOR_ARTIFACT_DIR, str(target)))
 
 
 def resolve_model_uri(mlflow_client, model_uri: str) -> str:
@@ -119,9 +120,7 @@ def evaluate_stage(cfg: PipelineConfig, run_id: Optional[str] = None, checkpoint
     classifier, _ = domain_classifier(cfg, data_path, manifest)
     n = cfg.eval.num_samples
     start = time.perf_counter()
-    gen = torch.Generator().manual_seed(cfg.eval.seed)
-    z = torch.randn(n, spec.nz, generator=gen)
-    labels = (torch.arange(n) % spec.num_classes) if spec.conditional else None
+    z, labels = evaluation_inputs(spec.nz, n, cfg.eval.seed, spec.num_classes if spec.conditional else None)
     fake = generate(generator, z, labels, batch_size=cfg.eval.batch_size)
     real_x, real_y = load_split(data_path, "heldout", limit=n, seed=cfg.eval.seed)
     cache: dict = {}

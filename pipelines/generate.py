@@ -78,6 +78,8 @@ def generate_stage(cfg: PipelineConfig, model_uri: str, n: int = 64, label: Opti
     import numpy as np
     import torch
 
+    from gan_models.sampling import evaluation_inputs
+
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
     if fmt not in ("png", "npy"):
@@ -97,13 +99,13 @@ def generate_stage(cfg: PipelineConfig, model_uri: str, n: int = 64, label: Opti
             raise UserError(f"--label {label} is outside the classes of {model_uri}: use 0..{info['num_classes'] - 1}"
                             f"{hint}")
 
-    rng = torch.Generator().manual_seed(seed)
+    cycling = None
     if interpolate:
-        ends = torch.randn(2, info["nz"], generator=rng)
+        ends = torch.randn(2, info["nz"], generator=torch.Generator().manual_seed(seed))
         z = slerp(ends[0], ends[1], n)
         nrow = n
     else:
-        z = torch.randn(n, info["nz"], generator=rng)
+        z, cycling = evaluation_inputs(info["nz"], n, seed, info["num_classes"] if info["conditional"] else None)
         nrow = info["num_classes"] if info["conditional"] and label is None else max(1, math.ceil(math.sqrt(n)))
     inputs = {"z": z.numpy().astype(np.float32)}
     labels = None
@@ -113,7 +115,7 @@ def generate_stage(cfg: PipelineConfig, model_uri: str, n: int = 64, label: Opti
         elif interpolate:
             labels = np.zeros(n, dtype=np.int64)  # one class along the strip; --label picks another
         else:
-            labels = np.arange(n, dtype=np.int64) % info["num_classes"]
+            labels = cycling.numpy()
         inputs["label"] = labels
 
     images = np.asarray(model.predict(inputs), dtype=np.float32)

@@ -96,9 +96,9 @@ def finish_run(mlflow_client, run_id: str, ckpt: Path, checkpoint_uri: str, stor
     """Generator weights + config as run artifacts (what evaluate/register read), a loss-curve figure,
     where the checkpoints are, and the run marked finished."""
     for name in (checkpoints.GENERATOR_FILE, checkpoints.CONFIG_FILE):
-        mlflow_client.log_artifact(run_id, str(ckpt / name), artifact_path="generator")
+        mlflow_client.log_artifact(run_id, str(ckpt / name), artifact_path=checkpoints.GENERATOR_ARTIFACT_DIR)
     with tempfile.TemporaryDirectory() as tmp:
-        curve = Path(tmp) / "loss_curves.png"
+        curve = Path(tmp) / checkpoints.LOSS_CURVES_ARTIFACT
         curve.write_bytes(tracking.loss_curve_png(mlflow_client, run_id))
         mlflow_client.log_artifact(run_id, str(curve))
     mlflow_client.set_tag(run_id, tags.CHECKPOINT_DIR, checkpoint_uri)

@@ -15,7 +15,8 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from gan_models import GAN, GANSpec, build_gan, performance, train_step
+from gan_models import GAN, build_gan, performance, train_step
+from gan_models.sampling import from_uint8
 from pipelines import checkpoints, tracking
 from pipelines.config import PipelineConfig, config_from_dict
 from pipelines.faults import fault_hooks_from_env
@@ -24,26 +25,10 @@ from pipelines.job import TrainJob
 from pipelines.training_metrics import EPOCH, IMAGES_PER_SECOND, REPLICA_MAX_ABS_DIFF
 
 
-def gan_spec(cfg: PipelineConfig, resolution: int, channels: int, num_classes: int) -> GANSpec:
-    """The typed config, mapped onto what the science needs (geometry comes from the dataset manifest)."""
-    m, o = cfg.model, cfg.optim
-    # 32 channels at the widest-resolution layer suffice for 28/32 px digits and keep CPUs fast; 64 px images
-    # get the DCGAN reference width.
-    default_width = 64 if resolution >= 64 else 32
-    return GANSpec(
-        resolution=resolution, channels=channels, nz=m.nz, ngf=m.ngf or default_width,
-        ndf=m.ndf or m.ngf or default_width, objective=m.objective,
-        conditional=m.conditional, num_classes=num_classes if m.conditional else m.num_classes,
-        critic_batchnorm=m.critic_batchnorm, aux_class_weight=m.aux_class_weight, optimizer=o.optimizer,
-        lr_g=o.lr_g, lr_d=o.lr_d, beta1=o.beta1, beta2=o.beta2, n_critic=o.n_critic, clip_value=o.clip_value,
-        gp_weight=o.gp_weight, precision=cfg.train.precision,
-    )
-
-
 def build_training_gan(cfg: PipelineConfig, manifest: dict, device: torch.device = torch.device("cpu")) -> GAN:
     """The GAN a worker trains: the config's spec for this dataset, weights seeded by ``train.seed``, the speed
     options applied. The benchmarks build their pipeline side with it too, so they measure what runs."""
-    spec = gan_spec(cfg, manifest["resolution"], manifest["channels"], max(len(manifest["class_names"]), 2))
+    spec = cfg.gan_spec(manifest["resolution"], manifest["channels"], max(len(manifest["class_names"]), 2))
     gan = build_gan(spec, device=device, seed=cfg.train.seed)
     return performance.apply_options(gan, channels_last=cfg.train.channels_last, compile=cfg.train.compile)
 
@@ -57,7 +42,7 @@ def total_steps(cfg: PipelineConfig, steps_per_epoch: int) -> int:
 
 def normalize(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 pixels travel to the worker's device; the float conversion happens there."""
-    return images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    return from_uint8(images.to(device, non_blocking=True))
 
 
 class BatchStream:

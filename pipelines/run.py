@@ -58,7 +58,8 @@ def _evaluate(cfg: PipelineConfig, upstream: dict, wf: "Workflow") -> dict:
 
 
 def _register(cfg: PipelineConfig, upstream: dict, wf: "Workflow") -> dict:
-    from pipelines.register import promote_stage, register_stage
+    from pipelines.promote import promote_stage
+    from pipelines.register import register_stage
 
     registered = register_stage(cfg, run_id=upstream["train"]["run_id"])
     outputs = {"name": registered["name"], "version": registered["version"], "promoted": False}

@@ -76,15 +76,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("gan-pipeline")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 _SECRET_MARKERS = ("password", "secret", "token", "key_id", "access_key", "credential")
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from pipelines import checkpoints, tags, tracking
+from pipelines import checkpoints, package_version, tags, tracking
 from pipelines.cluster import ray_session
 from pipelines.config import PipelineConfig, config_from_dict
 from pipelines.errors import UserError
@@ -58,7 +58,7 @@ def _new_run(cfg: PipelineConfig, mlflow_client, run_name: str, data_path: str, 
     run_id = run.info.run_id
     params = cfg.flat()
     params.update({"data.manifest_hash": manifest["manifest_hash"], "data.resolved_path": data_path,
-                   "package_version": tracking.package_version(), "git_commit": tracking.git_commit()})
+                   "package_version": package_version(), "git_commit": tracking.git_commit()})
     tracking.log_params(mlflow_client, run_id, params)
     mlflow_client.log_dict(run_id, tracking.redact_config(cfg.model_dump(mode="json")), "config.json")
     return run_id

@@ -91,16 +91,13 @@ class DomainFDReporter(Hook):
     def report_metrics(self, loop) -> dict[str, float]:
         if not loop.is_chief:
             return {}
-        import torch
-
-        from gan_models.sampling import generate, to_uint8
+        from gan_models.sampling import evaluation_inputs, generate, to_uint8
         from pipelines.metrics.distances import frechet_distance_from_features
 
         classifier, real = _reference_cache(self.reference)
         gan, n = loop.gan, self.samples
-        z = torch.randn(n, gan.spec.nz, generator=torch.Generator().manual_seed(0)).to(gan.device)
-        labels = (torch.arange(n) % gan.spec.num_classes).to(gan.device) if gan.spec.conditional else None
-        fake = to_uint8(generate(gan.generator, z, labels))
+        z, labels = evaluation_inputs(gan.spec.nz, n, seed=0, num_classes=gan.spec.num_classes if gan.spec.conditional else None)
+        fake = to_uint8(generate(gan.generator, z.to(gan.device), labels.to(gan.device) if labels is not None else None))
         fd = frechet_distance_from_features(classifier.features(fake).numpy(), real.numpy())
         return {"domain_fd": fd if math.isfinite(fd) else 1e9}
 
@@ -139,7 +136,6 @@ def _prepare_reference(cfg: PipelineConfig, data_path: str, manifest: dict) -> d
 
 
 def tune_stage(cfg: PipelineConfig, space_file: Optional[str] = None) -> dict:
-    import mlflow
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler

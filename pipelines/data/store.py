@@ -27,7 +27,6 @@ import posixpath
 import sys
 import time
 import uuid
-from importlib import metadata
 from typing import Any, Optional
 
 import numpy as np
@@ -35,6 +34,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines import package_version
 from pipelines.data import MANIFEST_NAME, SCHEMA_VERSION, DataError
 from pipelines.data.sources import SPLITS, Source
 
@@ -62,13 +62,6 @@ def join(base: str, *parts: str) -> str:
 
 def _exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def package_version() -> str:
-    try:
-        return metadata.version("gan-pipeline")
-    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-        return "0+unknown"
 
 
 def canonical_json(obj: Any) -> bytes:

@@ -3,6 +3,7 @@ density/coverage), its posteriors (classifier score, label accuracy, class KL) a
 
 No MLflow and no Ray here: these are plain functions over uint8 N×C×H×W images.
 """
+from gan_models.sampling import to_uint8  # the pixel convention's owner
 from pipelines.metrics.classifier import (
     ClassifierCacheError,
     DomainClassifier,
@@ -10,7 +11,6 @@ from pipelines.metrics.classifier import (
     load_classifier,
     load_or_train_classifier,
     save_classifier,
-    to_uint8,
     train_domain_classifier,
 )
 from pipelines.metrics.distances import frechet_distance, frechet_distance_from_features, gaussian_stats, kernel_distance
