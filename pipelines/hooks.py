@@ -15,7 +15,9 @@ The loop calls every hook of a worker, in order, at these points (all optional; 
 
 A hook ends training early with ``loop.request_stop(reason)``: at the next log step (where the ranks already
 exchange numbers, so all of them agree) the loop treats the step as the last one: final checkpoint, commit.
-Hooks that talk to MLflow or print run on rank 0 only; ``default_hooks`` builds a worker's list.
+Hooks that talk to MLflow or print run on rank 0 only; ``default_hooks`` builds a worker's list, a ``TrainJob``'s
+``hook_factories`` add more (built in each worker). A training curve a hook logs should be named in
+``pipelines.training_metrics`` so that ``register`` does not copy it onto model versions as an evaluation result.
 """
 from __future__ import annotations
 
