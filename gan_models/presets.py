@@ -6,7 +6,7 @@
 - wgan:    Arjovsky et al. 2017, Algorithm 1 - RMSProp, clip c = 0.01, n_critic = 5, no log, no sigmoid. Learning
            rate 1e-3 instead of the paper's 5e-5: measured on MNIST at batch 64 (docs/quality.md), the paper's rate
            draws blobs for thousands of steps, 2e-4 reached domain FD 28.6 after 1,000 steps, 5e-4 21.0, 1e-3 17.6,
-           2e-3 26.3 (unstable). ``--lr-g 5e-5 --lr-d 5e-5`` (``WGAN_PAPER_LR``) is the paper's value.
+           2e-3 28.3. ``--lr-g 5e-5 --lr-d 5e-5`` (``WGAN_PAPER_LR``) is the paper's value.
 - wgan-gp: Gulrajani et al. 2017, Algorithm 1 - Adam lr 1e-4, betas (0.5, 0.9), lambda = 10, n_critic = 5,
            no batch norm in the critic (the penalty is per sample).
 """
