@@ -30,10 +30,12 @@ def ray_session(address: Optional[str], cpus_needed: int, gpus_needed: int = 0,
         return
     # Ray Train's print patch would echo every progress line twice (stdout and its logger).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    runtime_env = {"env_vars": dict(env or {})}
     quiet = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
     if address:
         _probe(address)
+        # a remote cluster's workers do not share this process's environment: runtime_env is the only way there
+        # (Ray's runtime-env agent on the cluster logs it; see docs/reliability.md, Security)
+        runtime_env = {"env_vars": dict(env or {})}
         try:
             ray.init(address=address, runtime_env=runtime_env, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -47,13 +49,37 @@ def ray_session(address: Optional[str], cpus_needed: int, gpus_needed: int = 0,
             gpus = torch.cuda.device_count()
         # The dashboard binds 127.0.0.1 unless told otherwise; Ray Train's state API needs it.
         # address="local": always a fresh instance, never a cluster that `ray start` left on this machine.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed, declare_cpus or 0), num_gpus=gpus, runtime_env=runtime_env,
-                 dashboard_host="127.0.0.1", **quiet)
+        # Local workers inherit this process's environment (raylet and workers are its children), so secrets
+        # reach them without runtime_env, whose env_vars Ray writes in clear text to its session logs.
+        restore = inherited_env(env or {})
+        try:
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed, declare_cpus or 0),
+                     num_gpus=gpus, dashboard_host="127.0.0.1", **quiet)
+        except BaseException:
+            restore()
+            raise
     try:
         _check_fits(cpus_needed, gpus_needed, address)
         yield
     finally:
         ray.shutdown()
+        if not address:
+            restore()
+
+
+def inherited_env(env: dict[str, str]):
+    """Put ``env`` into this process's environment (for the local Ray processes to inherit); returns the undo."""
+    before = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+
+    def restore() -> None:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    return restore
 
 
 def _probe(address: str, timeout: float = 5.0) -> None:

@@ -71,18 +71,9 @@ def _download_generator(mlflow_client, run_id: str, target: Path) -> Path:
 
 def resolve_model_uri(mlflow_client, model_uri: str) -> str:
     """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> the run that produced that version."""
-    if not model_uri.startswith("models:/"):
-        raise UserError(f"model URI {model_uri!r} must look like models:/NAME@ALIAS or models:/NAME/VERSION")
-    rest = model_uri[len("models:/"):]
-    try:
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            version = mlflow_client.get_model_version_by_alias(name, alias)
-        else:
-            name, number = rest.rsplit("/", 1)
-            version = mlflow_client.get_model_version(name, number)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"registered model {model_uri} not found: {exc}. List them with gan-pipeline models list") from None
+    from pipelines.integrity import model_version_of
+
+    version = model_version_of(mlflow_client, model_uri)
     source_run = version.tags.get("source_run_id") or version.run_id
     if not source_run:
         raise UserError(f"{model_uri} records no source run; evaluate it with --run-id instead")
@@ -94,6 +85,10 @@ def evaluate_stage(cfg: PipelineConfig, run_id: Optional[str] = None, checkpoint
     given = [x for x in (run_id, checkpoint, model_uri) if x]
     if len(given) != 1:
         raise UserError("name exactly one generator: --run-id ID, --checkpoint DIR or --model-uri models:/NAME@ALIAS")
+    if out:  # said now, not after minutes of scoring
+        from pipelines import safety
+
+        safety.check_folder(out, "evaluation output", "--out", safety.EVALUATION_ENTRIES)
     uri = cfg.resolved_tracking_uri
     tracking.check_reachable(uri)
     mlflow_client = tracking.client(uri)
@@ -101,7 +96,15 @@ def evaluate_stage(cfg: PipelineConfig, run_id: Optional[str] = None, checkpoint
         if model_uri:
             run_id = resolve_model_uri(mlflow_client, model_uri)
         if run_id:
+            from pipelines.safety import check_name
+
+            check_name(run_id, "--run-id")  # it names the default output folder
             gen_dir = _download_generator(mlflow_client, run_id, Path(tmp))
+            if model_uri:  # the weights scored must be the registered ones
+                from pipelines.integrity import model_version_of, verify_weights
+
+                verify_weights(gen_dir / "generator.pt", model_version_of(mlflow_client, model_uri).tags or {},
+                               model_uri)
         else:
             gen_dir = Path(checkpoint)
             if not gen_dir.is_dir():
@@ -134,7 +137,10 @@ def evaluate_stage(cfg: PipelineConfig, run_id: Optional[str] = None, checkpoint
     metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating))}
 
     out_dir = Path(out) if out else Path(cfg.runs_dir) / "evaluations" / (run_id or gen_dir.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from pipelines import safety
+
+    safety.check_folder(out_dir, "evaluation output", "--out", safety.EVALUATION_ENTRIES)
+    safety.claim_folder(out_dir)
     _write_outputs(out_dir, metrics, fake, spec, generator)
     if run_id:
         _log(mlflow_client, run_id, metrics, out_dir, cfg, model_uri, classifier)

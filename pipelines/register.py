@@ -96,6 +96,9 @@ def _client(cfg: PipelineConfig):
     from mlflow.tracking import MlflowClient
 
     uri = cfg.resolved_tracking_uri
+    from pipelines.tracking import check_reachable
+
+    check_reachable(uri)  # a dead server: seconds and a clear line, not minutes of MLflow retries
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -275,8 +278,11 @@ def register_stage(cfg: PipelineConfig, run_id: str) -> dict:
     from mlflow.exceptions import MlflowException
 
     import gan_models
+    from pipelines import integrity
     from pipelines.model_code import GENERATOR_MODEL_FILE
+    from pipelines.safety import check_alias
 
+    check_alias(cfg.registry.alias)  # MLflow would refuse it only after creating the version
     client = _client(cfg)
     try:
         run = client.get_run(run_id)
@@ -308,6 +314,7 @@ def register_stage(cfg: PipelineConfig, run_id: str) -> dict:
         from pipelines.checkpoints import load_generator
 
         load_generator(local)
+        weights_sha256 = integrity.sha256_file(weights)
 
         name = _default_name(cfg, run, run_config)
         tags = run.data.tags
@@ -362,8 +369,13 @@ def register_stage(cfg: PipelineConfig, run_id: str) -> dict:
             f"gan-pipeline generators ({dataset}-{family}). Aliases: @candidate = newest registered, "
             f"@champion = promoted with a metric guard (gan-pipeline promote)."))
     alias = cfg.registry.alias
-    client.set_registered_model_alias(name, alias, version)
-    print(f"registered {name} v{version} from run {run_id} (alias @{alias}); "
+    try:
+        digest = integrity.record_digests(client, name, version, f"models:/{name}/{version}", weights_sha256)
+        client.set_registered_model_alias(name, alias, version)
+    except BaseException:
+        client.delete_model_version(name, version)  # no half-registered version without its digest or alias
+        raise
+    print(f"registered {name} v{version} from run {run_id} (alias @{alias}, artifacts sha256 {digest[:16]}...); "
           f"load it with mlflow.pyfunc.load_model('models:/{name}@{alias}')", flush=True)
     return {"name": name, "version": version, "uri": f"models:/{name}/{version}", "alias": alias,
             "alias_uri": f"models:/{name}@{alias}", "model_uri": info.model_uri}
@@ -375,6 +387,9 @@ def promote_stage(cfg: PipelineConfig, name: str, version: Optional[str] = None,
     """Point ``to_alias`` at ``version`` (or at the version behind ``from_alias``) unless it is worse than the
     current holder of ``to_alias`` on ``metric``. Returns ``{"name", "version", "alias", "previous",
     "candidate_value", "champion_value", "promoted"}``."""
+    from pipelines.safety import check_alias
+
+    check_alias(to_alias, "--to")
     client = _client(cfg)
     model = _get_registered_model(client, name)
     candidate = _resolve_version(client, model, version, from_alias)

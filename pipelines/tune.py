@@ -119,6 +119,13 @@ def _prepare_reference(cfg: PipelineConfig, data_path: str, manifest: dict) -> d
 
 
 def tune_stage(cfg: PipelineConfig, space_file: Optional[str] = None) -> dict:
+    from pipelines.runs import failed_on_error
+
+    with failed_on_error() as created:
+        return _tune_stage(cfg, space_file, created)
+
+
+def _tune_stage(cfg: PipelineConfig, space_file: Optional[str], created) -> dict:
     import mlflow
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -127,25 +134,28 @@ def tune_stage(cfg: PipelineConfig, space_file: Optional[str] = None) -> dict:
     from pipelines.cluster import ray_session
     from pipelines.train import build_trainer, check_storage, ensure_dataset, finish_run, fit, storage_root
 
+    from pipelines import preflight
+
+    per_trial = cfg.tune.workers_per_trial
+    concurrent = min(cfg.tune.max_concurrent or max(1, (os.cpu_count() or 1) // per_trial), cfg.tune.samples)
+    preflight.check_local_size(cfg, concurrent * per_trial, "--max-concurrent x --workers-per-trial")
     uri = cfg.resolved_tracking_uri
     tracking.check_reachable(uri)
     check_storage(storage_root(cfg))
     space = search_space(cfg, space_file)
     data_path, manifest = ensure_dataset(cfg)
+    preflight.check_dataset_fits(cfg, manifest, data_path, needs_labels="tune (its domain distance)", workers=per_trial)
     mlflow_client = tracking.client(uri)
     sweep = f"tune-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp_id = tracking.experiment_id(mlflow_client, cfg.tracking.experiment)
     parent = mlflow_client.create_run(exp_id, run_name=sweep, tags={"gan_pipeline.stage": "tune",
                                                                     "gan_pipeline.model": cfg.model.name})
     parent_id = parent.info.run_id
+    created(mlflow_client, parent_id)
     tracking.log_params(mlflow_client, parent_id, {**cfg.flat(), "data.manifest_hash": manifest["manifest_hash"],
                                                    "tune.space": str(space_file or cfg.tune.space or "default")})
     reference = _prepare_reference(cfg, data_path, manifest)
 
-    per_trial = cfg.tune.workers_per_trial
-    cores = os.cpu_count() or 1
-    concurrent = cfg.tune.max_concurrent or max(1, cores // per_trial)
-    concurrent = min(concurrent, cfg.tune.samples)
     checkpoint_every = min(cfg.train.checkpoint_every, cfg.tune.report_every)
     base = cfg.model_copy(deep=True)
     base.train.workers = per_trial

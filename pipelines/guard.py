@@ -1,0 +1,83 @@
+"""The CLI's last line of defence: whatever goes wrong, the person at the keyboard gets one line, never a traceback.
+
+Exit codes (documented in README and docs/reliability.md):
+    0  done
+    1  something missing or foreign: a file, folder, run, model or server that is absent or not gan-pipeline's
+    2  a bad value: an option, a config or space file, a name (click's usage errors are 2 as well)
+    3  an internal error (a bug): one line ``internal error: ..., please report; details in <log file>``; the
+       traceback goes to that log file (mode 0600), never to the terminal
+  130  interrupted (Ctrl-C)
+Every message and every log line goes through ``pipelines.secrets.redact_text`` first.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import click
+
+from pipelines.errors import UserError
+from pipelines.secrets import redact_text
+
+INTERNAL_ERROR_EXIT = 3
+
+
+def log_dir() -> Path:
+    """``$GAN_PIPELINE_LOG_DIR``, else ``$XDG_STATE_HOME/gan-pipeline/logs`` (``~/.local/state/...``)."""
+    configured = os.environ.get("GAN_PIPELINE_LOG_DIR")
+    if configured:
+        return Path(configured)
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "gan-pipeline" / "logs"
+
+
+def write_error_log(exc: BaseException) -> str:
+    """The redacted traceback of ``exc`` in a new file only the user can read; its path (or why there is none)."""
+    text = redact_text("".join([
+        f"gan-pipeline internal error, {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n",
+        f"command: {' '.join(sys.argv)}\n", f"python {sys.version.split()[0]}\n\n",
+        *traceback.format_exception(type(exc), exc, exc.__traceback__)]))
+    folder = log_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = folder / f"internal-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        return str(path)
+    except OSError as err:
+        return f"(none: could not write a log under {folder}: {err.strerror or err})"
+
+
+class _Failure(click.ClickException):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class GuardedGroup(click.Group):
+    """A click group whose commands end in one redacted line on any exception."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort):
+            raise
+        except click.ClickException as exc:
+            exc.message = redact_text(exc.message)
+            raise
+        except UserError as exc:
+            raise _Failure(redact_text(str(exc)), exc.exit_code) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+        except Exception as exc:  # noqa: BLE001 - the point of the guard
+            log = write_error_log(exc)
+            summary = redact_text(f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__)
+            if len(summary) > 300:
+                summary = summary[:297] + "..."
+            raise _Failure(f"internal error: {summary}, please report; details in {log}",
+                           INTERNAL_ERROR_EXIT) from None
