@@ -314,15 +314,15 @@ def models_show(cfg: PipelineConfig, name: str) -> None:
 
 
 @models.command("verify")
-@click.argument("model")
+@click.argument("model_ref", metavar="MODEL")
 @config_options(TRACKING_OPTS, model_choice=False)
 @_fail_cleanly
-def models_verify(cfg: PipelineConfig, model: str) -> None:
+def models_verify(cfg: PipelineConfig, model_ref: str) -> None:
     """Check a registered model's files (NAME@ALIAS or NAME/VERSION) against the sha256 recorded when it was
     registered; exit 1 if any file was changed, added or removed."""
     from pipelines.integrity import verify_stage
 
-    verify_stage(cfg, model)
+    verify_stage(cfg, model_ref)
 
 
 def main() -> None:

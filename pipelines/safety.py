@@ -153,15 +153,11 @@ class _NoAliasLoader(yaml.SafeLoader):
     """Safe YAML without anchors and aliases: a few lines of ``&a [*b, *b, ...]`` expand to gigabytes."""
 
     def compose_node(self, parent, index):  # noqa: D401 - PyYAML hook
-        if self.check_event(yaml.events.AliasEvent):
-            mark = self.peek_event().start_mark
-            raise yaml.composer.ComposerError(
-                None, None, "YAML aliases (*name) are not accepted by gan-pipeline; write the values out", mark)
         event = self.peek_event()
-        if getattr(event, "anchor", None):
+        if isinstance(event, yaml.events.AliasEvent) or getattr(event, "anchor", None):
             raise yaml.composer.ComposerError(
-                None, None, "YAML anchors (&name) are not accepted by gan-pipeline; write the values out",
-                event.start_mark)
+                None, None, "YAML anchors and aliases (&name, *name) are not accepted by gan-pipeline; write the "
+                "values out", event.start_mark)
         return super().compose_node(parent, index)
 
 
