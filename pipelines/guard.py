@@ -25,13 +25,20 @@ from pipelines.secrets import redact_text
 INTERNAL_ERROR_EXIT = 3
 
 
-def log_dir() -> Path:
-    """``$GAN_PIPELINE_LOG_DIR``, else ``$XDG_STATE_HOME/gan-pipeline/logs`` (``~/.local/state/...``)."""
-    configured = os.environ.get("GAN_PIPELINE_LOG_DIR")
+def state_dir() -> Path:
+    """The product's private folder: ``$GAN_PIPELINE_STATE_DIR``, else ``$XDG_STATE_HOME/gan-pipeline``
+    (``~/.local/state/gan-pipeline``): internal-error logs, the local Ray instance's auth token."""
+    configured = os.environ.get("GAN_PIPELINE_STATE_DIR")
     if configured:
         return Path(configured)
     state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(state) / "gan-pipeline" / "logs"
+    return Path(state) / "gan-pipeline"
+
+
+def log_dir() -> Path:
+    """``$GAN_PIPELINE_LOG_DIR``, else ``<state_dir>/logs``."""
+    configured = os.environ.get("GAN_PIPELINE_LOG_DIR")
+    return Path(configured) if configured else state_dir() / "logs"
 
 
 def write_error_log(exc: BaseException) -> str:
