@@ -205,9 +205,10 @@ def train_stage(cfg: PipelineConfig, run_name: Optional[str] = None, resume: Opt
         data_path, manifest = ensure_dataset(cfg)
         preflight.check_dataset_fits(cfg, manifest, data_path)
         run_id = _new_run(cfg, mlflow_client, run_name, data_path, manifest)
+        # credentials stay out of the record: a resume takes the tracking URI from its own command line
         _write_record(cfg, {"run_name": run_name, "run_id": run_id, "data_path": data_path,
-                            "storage": storage_root(cfg), "config": cfg.model_dump(mode="json"),
-                            "tracking_uri": uri})
+                            "storage": storage_root(cfg), "config": tracking.redact_config(cfg.model_dump(mode="json")),
+                            "tracking_uri": tracking.redact_uri(uri)})
         console_print(f"[gan-pipeline] training {run_name}: {cfg.model.name} on {manifest['dataset']} "
                       f"with {cfg.train.workers} worker(s); MLflow run {run_id}")
     return run_training(cfg, mlflow_client, uri, run_name, run_id, data_path, manifest, console_print,
