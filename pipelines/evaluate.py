@@ -30,8 +30,9 @@ def domain_classifier(cfg: PipelineConfig, data_path: str, manifest: dict):
 
     num_classes = len(manifest.get("class_names") or [])
     if num_classes < 2:
-        raise UserError(f"the dataset at {data_path} is unlabeled; the domain classifier behind the metrics needs "
-                        f"class labels (prepare an image folder with one subfolder per class)")
+        kind = "unlabeled" if num_classes == 0 else "labeled with a single class"
+        raise UserError(f"the dataset at {data_path} is {kind}; the domain classifier behind the metrics needs "
+                        f"two or more classes (prepare an image folder with one subfolder per class)")
     cache_dir = Path(cfg.runs_dir) / "classifiers"
     paths = cache_paths(cache_dir, manifest["manifest_hash"])
     kwargs = {}

@@ -60,6 +60,7 @@ class Case:
     setup: Optional[Callable[[Path, Paths], None]] = None
     kind: str = ""
     env: dict = field(default_factory=dict)
+    creates: tuple[str, ...] = ()  # new folders the command may make (its own output); nothing existing may change
 
 
 # ------------------------------------------------------------------------------------------------ setups
@@ -124,6 +125,21 @@ def _symlink(name: str, to: str) -> Callable[[Path, Paths], None]:
     return setup
 
 
+def _temp_lookalike(root: Path, p: Paths) -> None:
+    """A user's folder whose name starts like prepare's temporary sibling of ``ds``."""
+    _write("c.yaml", "data:\n  limit: 200\n")(root, p)
+    (root / ".ds.tmp-my-notes").mkdir()
+    (root / ".ds.tmp-my-notes" / "keep.txt").write_text("mine\n")
+
+
+def _killed_prepare(root: Path, p: Paths) -> None:
+    """What a SIGKILLed prepare leaves: its temporary sibling, half written."""
+    _write("c.yaml", "data:\n  limit: 200\n")(root, p)
+    junk = root / "gan-runs" / "data" / ".mnist-28px-1ch-first200.tmp-0123456789ab"
+    junk.mkdir(parents=True)
+    (junk / "train-00000.parquet").write_bytes(b"PAR1 half")
+
+
 def _record(name: str, text: str) -> Callable[[Path, Paths], None]:
     return _write(f"gan-runs/train/{name}.json", text)
 
@@ -174,6 +190,11 @@ CASES: list[Case] = [
          "data loss"),
     Case("prepare-out-is-a-file", lambda p: ["prepare", "--out", p("notes.txt")], 1,
          ("exists and is not a folder", "choose another --out"), _victim, "data loss"),
+    Case("prepare-beside-user-folder-named-like-its-temp",
+         lambda p: ["prepare", "--config", p("c.yaml"), "--out", p("ds")], 0, ("examples     train 200",),
+         _temp_lookalike, "data loss", creates=("ds",)),
+    Case("prepare-after-a-killed-prepare", lambda p: ["prepare", "--config", p("c.yaml")], 0,
+         ("examples     train 200",), _killed_prepare, "interrupted"),
     Case("runs-dir-user-folder", lambda p: ["prepare", "--runs-dir", p("victim")], 2,
          ("runs folder", *FOREIGN_FIX[1:]), _victim, "data loss"),
     Case("runs-dir-cwd-train", lambda p: ["train", "--runs-dir", ".", "--dry-run"], 2, ("runs folder", "--runs-dir"),
@@ -434,7 +455,10 @@ def test_hostile_input(case: Case, tmp_path, monkeypatch, datasets, tracking_db)
         assert secret not in output, f"secret {secret!r} printed:\n{output}"
         for log in (root / "logs").glob("*"):
             assert secret not in log.read_text(), f"secret in {log}"
-    assert _snapshot(root) == before, "files outside the product's folders changed"
+    after = _snapshot(root)
+    assert {k: v for k, v in after.items() if k in before} == before, "files outside the product's folders changed"
+    created = [k for k in after if k not in before and k.split("/")[0] not in case.creates]
+    assert not created, f"created outside the product's folders: {created}"
     assert sorted(p.name for p in tmp_path.iterdir()) == outside_before and not outside.exists()
     assert not (root / "PWNED").exists()
 
