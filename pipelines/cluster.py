@@ -51,7 +51,7 @@ def ray_session(address: Optional[str], cpus_needed: int, gpus_needed: int = 0,
         # address="local": always a fresh instance, never a cluster that `ray start` left on this machine.
         # Local workers inherit this process's environment (raylet and workers are its children), so secrets
         # reach them without runtime_env, whose env_vars Ray writes in clear text to its session logs.
-        restore = inherited_env({**(env or {}), **local_auth_env(), **LOOPBACK_ENV})
+        restore = inherited_env({**(env or {}), **local_auth_env(), **LOOPBACK_ENV, **_own_address_env()})
         restore_constant = _loopback_node_address()
         try:
             # every address Ray lets us choose on loopback (its gRPC servers still bind the wildcard, guarded by
@@ -104,6 +104,18 @@ def _loopback_node_address():
         ray_constants.ENABLE_RAY_CLUSTER = before
 
     return restore
+
+
+def _own_address_env() -> dict[str, str]:
+    """The instance's GCS port, chosen here, and ``RAY_ADDRESS`` pointing at it for every process of the instance:
+    Ray's internal actors (Train's PlacementGroupCleaner, the state API) otherwise look for "the" local instance and,
+    beside another one on the machine, print "Found multiple active Ray instances" and a traceback."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"}
 
 
 def local_auth_env() -> dict[str, str]:

@@ -85,6 +85,9 @@ def test_local_ray_listens_on_loopback_only_and_keeps_secrets_out_of_logs(tmp_pa
         monkeypatch.delenv(key, raising=False)
     with ray_session(None, cpus_needed=1, env={"MLFLOW_TRACKING_PASSWORD": SECRET, "AWS_SECRET_ACCESS_KEY": SECRET}):
         seen = ray.get(ray.remote(lambda: os.environ.get("MLFLOW_TRACKING_PASSWORD")).remote())
+        # Ray's own actors find this instance by RAY_ADDRESS, not by scanning the machine for "the" instance
+        own_address = ray.get(ray.remote(lambda: os.environ.get("RAY_ADDRESS")).remote())
+        assert own_address == ray.get_runtime_context().gcs_address, own_address
         sockets = _listening_sockets()
         bound = {}
         for pid in _descendants(os.getpid()) | {os.getpid()}:
