@@ -59,6 +59,17 @@ def write_error_log(exc: BaseException) -> str:
         return f"(none: could not write a log under {folder}: {err.strerror or err})"
 
 
+def without_traceback(message: str) -> str:
+    """A message that carries a traceback (a Ray worker's, inside ``training failed: ...``) keeps its first line and
+    the exception it ends with; the whole text goes to a log file."""
+    if "Traceback (most recent call last)" not in message:
+        return message
+    lines = [line for line in message.splitlines() if line.strip()]
+    last = next((line.strip() for line in reversed(lines) if not line.startswith((" ", "\t"))), lines[-1].strip())
+    log = write_error_log(RuntimeError(message))
+    return f"{lines[0].split('Traceback (most recent call last)')[0].rstrip()} ... {last} (details in {log})"
+
+
 class _Failure(click.ClickException):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
@@ -74,10 +85,10 @@ class GuardedGroup(click.Group):
         except (click.exceptions.Exit, click.Abort):
             raise
         except click.ClickException as exc:
-            exc.message = redact_text(exc.message)
+            exc.message = without_traceback(redact_text(exc.message))
             raise
         except UserError as exc:
-            raise _Failure(redact_text(str(exc)), exc.exit_code) from None
+            raise _Failure(without_traceback(redact_text(str(exc))), exc.exit_code) from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)

@@ -161,3 +161,16 @@ def test_failed_sweep_marks_its_parent_run_failed(tmp_path, monkeypatch):
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("gan-pipeline").experiment_id])
     assert [(r.data.tags["gan_pipeline.stage"], r.info.status) for r in runs] == [("tune", "FAILED")]
+
+
+def test_a_worker_traceback_inside_a_message_is_cut_to_one_line(tmp_path, monkeypatch):
+    from pipelines.guard import without_traceback
+
+    monkeypatch.setenv("GAN_PIPELINE_LOG_DIR", str(tmp_path))
+    message = ("training failed: Training failed due to worker errors:\nTraceback (most recent call last):\n"
+               '  File "loop.py", line 3, in step\n    x = 1 / 0\nZeroDivisionError: division by zero\n')
+    short = without_traceback(message)
+    assert "Traceback" not in short and "\n" not in short
+    assert short.startswith("training failed") and "ZeroDivisionError: division by zero" in short
+    log = next(tmp_path.glob("internal-error-*.log"))
+    assert str(log) in short and "x = 1 / 0" in log.read_text()

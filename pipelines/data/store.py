@@ -241,7 +241,7 @@ def write_dataset(source: Source, data, out: str, force: bool = False, console=N
         prefix = f".{name}.tmp-"
         for info in fs.get_file_info(pafs.FileSelector(parent or "/", allow_not_found=True)):
             # left by a killed earlier prepare of the same output: exactly the names this function makes
-            if info.base_name.startswith(prefix) and re.fullmatch(r"[0-9a-f]{12}", info.base_name[len(prefix):]):
+            if info.base_name.startswith(prefix) and re.fullmatch(r"[0-9a-f]{6,32}", info.base_name[len(prefix):]):
                 fs.delete_dir(info.path)
         work = posixpath.join(parent, f"{prefix}{uuid.uuid4().hex[:12]}")
         fs.create_dir(work, recursive=True)
