@@ -27,11 +27,10 @@ class Stage:
 
 
 def _prepare(cfg: PipelineConfig, upstream: dict, wf: "Workflow") -> dict:
+    from pipelines.preflight import check_dataset_fits
     from pipelines.train import ensure_dataset
 
     data_path, manifest = ensure_dataset(cfg)
-    from pipelines.preflight import check_dataset_fits
-
     check_dataset_fits(cfg, manifest, data_path, needs_labels="gan-pipeline run (its evaluate stage)")
     return {"data_path": data_path, "manifest_hash": manifest["manifest_hash"], "dataset": manifest["dataset"]}
 
@@ -127,7 +126,6 @@ def default_name(cfg: PipelineConfig) -> str:
 
 def run_stage(cfg: PipelineConfig, run_name: Optional[str] = None) -> dict:
     from pipelines import tracking
-
     from pipelines.preflight import check_local_size
 
     check_local_size(cfg)

@@ -131,10 +131,9 @@ def _tune_stage(cfg: PipelineConfig, space_file: Optional[str], created) -> dict
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from pipelines import preflight
     from pipelines.cluster import ray_session
     from pipelines.train import build_trainer, check_storage, ensure_dataset, finish_run, fit, storage_root
-
-    from pipelines import preflight
 
     per_trial = cfg.tune.workers_per_trial
     concurrent = min(cfg.tune.max_concurrent or max(1, (os.cpu_count() or 1) // per_trial), cfg.tune.samples)
