@@ -77,6 +77,8 @@ def _load(model_uri: str):
 
         source = model_uri
         if model_uri.startswith("models:/"):  # verified against its registration before its code runs
+            import tempfile
+
             from pipelines.integrity import download_verified
 
             keep = tempfile.TemporaryDirectory(prefix="gan-generate-")

@@ -250,6 +250,7 @@ def _log_on_run(mlflow, client, run, **log_kwargs):
     """Log the model on the (usually finished) training run, leaving the run's status and end time as they were."""
     import contextlib
     import io
+    import sys
 
     from pipelines.model_code import quiet_type_hint_warning
     from pipelines.secrets import redact_text
