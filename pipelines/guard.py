@@ -41,16 +41,16 @@ def log_dir() -> Path:
     return Path(configured) if configured else state_dir() / "logs"
 
 
-def write_error_log(exc: BaseException) -> str:
+def write_error_log(exc: BaseException, kind: str = "internal-error") -> str:
     """The redacted traceback of ``exc`` in a new file only the user can read; its path (or why there is none)."""
     text = redact_text("".join([
-        f"gan-pipeline internal error, {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n",
+        f"gan-pipeline {kind.replace('-', ' ')}, {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n",
         f"command: {' '.join(sys.argv)}\n", f"python {sys.version.split()[0]}\n\n",
         *traceback.format_exception(type(exc), exc, exc.__traceback__)]))
     folder = log_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = folder / f"internal-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        path = folder / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
@@ -66,7 +66,7 @@ def without_traceback(message: str) -> str:
         return message
     lines = [line for line in message.splitlines() if line.strip()]
     last = next((line.strip() for line in reversed(lines) if not line.startswith((" ", "\t"))), lines[-1].strip())
-    log = write_error_log(RuntimeError(message))
+    log = write_error_log(RuntimeError(message), kind="error-details")
     return f"{lines[0].split('Traceback (most recent call last)')[0].rstrip()} ... {last} (details in {log})"
 
 

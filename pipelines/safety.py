@@ -113,7 +113,8 @@ def check_dataset_folder(entries: set[str], manifest: Optional[dict], where: str
                             f"it holds {_listing(entries)}); {fix}")
     own = {"manifest.json", VERIFIED_CACHE, MARKER} | {str(s.get("path")) for s in manifest["shards"]
                                                           if isinstance(s, dict)}
-    foreign = entries - own
+    # a temp file of the verification cache, left by a killed process, is ours too
+    foreign = {e for e in entries - own if not e.startswith(f".{VERIFIED_CACHE}.")}
     if foreign:
         raise ForeignFolder(f"{where} is a gan-pipeline dataset, but it also holds files prepare did not write "
                             f"({_listing(foreign)}); rebuilding it would delete them, so {fix}")

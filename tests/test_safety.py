@@ -172,5 +172,5 @@ def test_a_worker_traceback_inside_a_message_is_cut_to_one_line(tmp_path, monkey
     short = without_traceback(message)
     assert "Traceback" not in short and "\n" not in short
     assert short.startswith("training failed") and "ZeroDivisionError: division by zero" in short
-    log = next(tmp_path.glob("internal-error-*.log"))
+    log = next(tmp_path.glob("error-details-*.log"))
     assert str(log) in short and "x = 1 / 0" in log.read_text()
