@@ -64,6 +64,14 @@ def _listing(names: Iterable[str], limit: int = 4) -> str:
     return shown + (f", ... ({len(names)} entries)" if len(names) > limit else "")
 
 
+def _own(entry: str, own_entries: frozenset[str]) -> bool:
+    """One of ``own_entries``, or the temp file of an atomic write of one (``.<name>.<random>.tmp``)."""
+    if entry in own_entries:
+        return True
+    return entry.startswith(".") and entry.endswith(".tmp") and any(
+        entry.startswith(f".{name}.") for name in own_entries)
+
+
 def check_folder(path: str | os.PathLike, what: str, option: str,
                  own_entries: frozenset[str] = frozenset({MARKER})) -> None:
     """Refuse to write into ``path`` unless it is new, empty, marked as gan-pipeline's, or holds only
@@ -78,7 +86,7 @@ def check_folder(path: str | os.PathLike, what: str, option: str,
     except OSError as exc:
         raise ForeignFolder(f"{what} {folder} cannot be listed ({exc.strerror or exc}); choose another {option}") \
             from None
-    if not entries or MARKER in entries or entries <= own_entries:
+    if not entries or MARKER in entries or all(_own(entry, own_entries) for entry in entries):
         return
     raise ForeignFolder(
         f"{what} {folder.resolve()} is not empty and was not created by gan-pipeline (it holds "

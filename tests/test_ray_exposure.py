@@ -146,7 +146,7 @@ def test_local_ray_listens_on_loopback_and_keeps_secrets_out_of_logs(tmp_path, m
     assert token_mode == 0o600, oct(token_mode)
     assert bound, "no listening socket found: the /proc listing is broken"
     beyond = {addr: sorted(names[pid] for pid in pids) for addr, pids in bound.items() if addr[0] not in LOOPBACK}
-    # The one exception, outside gan-pipeline's and Ray's control: PyTorch's process-group rendezvous store
+    # The one exception (docs/reliability.md, Security): PyTorch's process-group rendezvous store
     # (TCPStore) of rank 0, which torch binds to the wildcard (it has no bind-address option), while a run lasts.
     rendezvous = {addr: who for addr, who in beyond.items() if addr[0] in WILDCARD and who == ["ray::RayTrainWorker"]}
     assert beyond == rendezvous and len(rendezvous) <= 1, f"listening beyond loopback: {beyond}"
