@@ -144,7 +144,10 @@ def evaluate_stage(cfg: PipelineConfig, run_id: Optional[str] = None, checkpoint
     safety.claim_folder(out_dir)
     _write_outputs(out_dir, metrics, fake, spec, generator)
     if run_id:
-        _log(mlflow_client, run_id, metrics, out_dir, cfg, model_uri, classifier)
+        from pipelines.runs import failed_on_error
+
+        with failed_on_error() as created:  # an evaluation run it creates ends FAILED if logging fails
+            _log(mlflow_client, run_id, metrics, out_dir, cfg, model_uri, classifier, created)
     _print_metrics(metrics, out_dir)
     return metrics
 
@@ -180,7 +183,8 @@ def _write_outputs(out_dir: Path, metrics: dict, fake: torch.Tensor, spec, gener
         save_png(image_grid(generate(generator, z, labels), nrow=per_class), out_dir / "class_grid.png")
 
 
-def _log(mlflow_client, run_id: str, metrics: dict, out_dir: Path, cfg: PipelineConfig, model_uri, classifier) -> None:
+def _log(mlflow_client, run_id: str, metrics: dict, out_dir: Path, cfg: PipelineConfig, model_uri, classifier,
+         created=lambda client, run_id: None) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -191,6 +195,7 @@ def _log(mlflow_client, run_id: str, metrics: dict, out_dir: Path, cfg: Pipeline
         target = mlflow_client.create_run(exp, run_name=f"evaluate {model_uri}", tags={
             "gan_pipeline.stage": "evaluate", "gan_pipeline.evaluates": model_uri,
             "gan_pipeline.source_run_id": run_id}).info.run_id
+        created(mlflow_client, target)
     items = [Metric(k, v, now, 0) for k, v in metrics.items()]
     for start in range(0, len(items), 1000):
         mlflow_client.log_batch(target, metrics=items[start:start + 1000])
