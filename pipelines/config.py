@@ -131,7 +131,7 @@ class TrackingConfig(_Strict):
 class EvalConfig(_Strict):
     num_samples: int = Field(10_000, ge=10, le=1_000_000)
     batch_size: int = Field(500, ge=1)
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, le=2**32 - 1)
     inception: bool = True
     inception_weights: Optional[str] = None
     kid_subset_size: int = Field(1000, ge=2)
