@@ -11,6 +11,7 @@ Every message and every log line goes through ``pipelines.secrets.redact_text`` 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -70,6 +71,38 @@ def without_traceback(message: str) -> str:
     return f"{lines[0].split('Traceback (most recent call last)')[0].rstrip()} ... {last} (details in {log})"
 
 
+class RedactingStream:
+    """A text stream that redacts what is written to it: the console of a command, whatever prints there (MLflow's
+    "View run at <tracking URI>", Ray's relayed worker output, a library's warning)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._secrets = None
+
+    def write(self, text: str) -> int:
+        from pipelines.secrets import MASK, redact_uri, secret_values
+
+        if self._secrets is None:
+            self._secrets = secret_values()
+        text = redact_uri(text)
+        for value in self._secrets:
+            text = text.replace(value, MASK)
+        return self._stream.write(text)
+
+    def __getattr__(self, name):  # flush, isatty, fileno, encoding, buffer, ...
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def redacted_console():
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(out), RedactingStream(err)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = out, err
+
+
 class _Failure(click.ClickException):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
@@ -81,7 +114,8 @@ class GuardedGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with redacted_console():
+                return super().invoke(ctx)
         except (click.exceptions.Exit, click.Abort):
             raise
         except click.ClickException as exc:

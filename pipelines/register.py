@@ -248,19 +248,10 @@ def _default_name(cfg: PipelineConfig, run, run_config: dict) -> str:
 
 def _log_on_run(mlflow, client, run, **log_kwargs):
     """Log the model on the (usually finished) training run, leaving the run's status and end time as they were."""
-    import contextlib
-    import io
-    import sys
-
     from pipelines.model_code import quiet_type_hint_warning
-    from pipelines.secrets import redact_text
 
-    printed = io.StringIO()  # MLflow's "View run ... at: <tracking URI>" would show a URI's password
-    try:
-        with quiet_type_hint_warning(), contextlib.redirect_stdout(printed):
-            return _log_on_run_inner(mlflow, client, run, **log_kwargs)
-    finally:
-        sys.stdout.write(redact_text(printed.getvalue()))
+    with quiet_type_hint_warning():
+        return _log_on_run_inner(mlflow, client, run, **log_kwargs)
 
 
 def _log_on_run_inner(mlflow, client, run, **log_kwargs):

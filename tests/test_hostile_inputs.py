@@ -496,6 +496,27 @@ def test_internal_error_is_one_line_with_a_private_log(tmp_path, monkeypatch):
         assert secret not in text and secret not in output
 
 
+def test_whatever_a_command_prints_is_redacted(tmp_path, monkeypatch):
+    """A library printing the tracking URI it was given (MLflow's "View run at ...") or a relayed worker line with
+    an environment secret: the console shows neither secret."""
+    import pipelines.prepare
+
+    monkeypatch.chdir(tmp_path)
+    for key, value in SECRETS.items():
+        monkeypatch.setenv(key, value)
+
+    def chatty(*args, **kwargs):
+        print(f"View run at: https://bob:{URI_PASSWORD}@mlflow.example/#/runs/1?token={URI_TOKEN}")
+        print(f"(RayTrainWorker pid=1) using {SECRETS['AWS_SECRET_ACCESS_KEY']}", file=sys.stderr)
+
+    monkeypatch.setattr(pipelines.prepare, "prepare_stage", chatty)
+    result, output = run_cli(["prepare"])
+    assert result.exit_code == 0, output
+    assert "View run at: https://***@mlflow.example/#/runs/1?token=***" in output and "using ***" in output
+    for secret in ALL_SECRETS:
+        assert secret not in output
+
+
 def corpus_table() -> str:
     """The doc's table, from ``CASES``."""
     rows = ["| # | input | kind | command | exit | the message says |", "| --- | --- | --- | --- | --- | --- |"]
