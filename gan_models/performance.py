@@ -24,18 +24,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-__all__ = ["apply_options", "to_channels_last", "compile_networks", "Prefetcher", "machine_info", "check_precision"]
-
-
-def check_precision(precision: str, device: torch.device | str) -> None:
-    """fp16 autocast on a CPU is refused (no fp16 GEMM fast path there, and GradScaler on CPU only slows down);
-    bf16 is the CPU's reduced precision."""
-    device = torch.device(device)
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
-    if precision == "fp16" and device.type == "cpu":
-        raise ValueError("precision fp16 needs a GPU (fp16 autocast with a GradScaler); on CPU use --precision bf16 "
-                         "(or fp32)")
+__all__ = ["apply_options", "to_channels_last", "compile_networks", "Prefetcher", "machine_info"]
 
 
 def to_channels_last(module: nn.Module) -> nn.Module:

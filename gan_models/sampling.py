@@ -36,9 +36,29 @@ def generate(generator: torch.nn.Module, z: torch.Tensor, labels: torch.Tensor |
         net.train(was_training)
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8 pixels, the inverse of the data pipeline's normalisation."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+# The pixel convention, in one place: images are stored as uint8 and trained on as floats in [-1, 1].
+def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1] (on the tensor's own device: move it first, convert there)."""
+    return pixels.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(images) -> torch.Tensor:
+    """Floats in [-1, 1] (tensor or array) -> uint8 pixels, ``round((x + 1) * 127.5)`` clamped: the inverse of
+    ``from_uint8``. uint8 input is returned unchanged (as a tensor), so real images may go through it too."""
+    t = torch.as_tensor(images)
+    if t.dtype == torch.uint8:
+        return t
+    if not t.is_floating_point():
+        raise TypeError(f"to_uint8 expects floats in [-1, 1] or uint8, got dtype {t.dtype}")
+    return ((t.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def evaluation_inputs(nz: int, n: int, seed: int, num_classes: int | None = None):
+    """The noise (and, for a conditional G, labels cycling through the classes) that evaluation-style sampling
+    uses: the same ``seed`` gives the same inputs everywhere (evaluate, tune's reports, generate)."""
+    z = torch.randn(n, nz, generator=torch.Generator().manual_seed(seed))
+    labels = torch.arange(n) % num_classes if num_classes else None
+    return z, labels
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:

@@ -19,6 +19,13 @@ from gan_models.objectives import Objective, make_objective
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images in [-1, 1], labels (int64; -1 = none)
 
+# The statistics ``train_step`` returns (each objective a subset), named here where they are made: the pipeline
+# logs them under these names and tells them apart from evaluation metrics by this tuple.
+STEP_METRICS = (
+    "d_loss", "g_loss", "d_real", "d_fake", "wasserstein_estimate", "gradient_penalty",
+    "aux_loss_real", "aux_loss_fake", "d_grad_norm", "g_grad_norm",
+)
+
 
 @dataclass
 class GANSpec:

@@ -2,18 +2,19 @@
 ``torch.load(weights_only=True)``, so loading one never runs pickled code.
 
 A checkpoint directory holds:
-    state.pt            G, D, (aux), both optimizers, grad scalers, progress counters (noise is reseeded per checkpoint)
+    state.pt            G, D, (aux), both optimizers, grad scalers, progress counters (noise is reseeded per checkpoint),
+                        and the loop hooks' own state ("hooks": {state_key: state_dict}, when a hook has one)
     generator.pt        G's weights alone (what evaluate/register need)
     config.json         the resolved PipelineConfig and the data geometry
     pending_metrics.json  metrics produced since the previous checkpoint (committed to MLflow after this one)
     samples/*.png       fixed-noise grids produced since the previous checkpoint
+
+The names below are the artifact layout's one owner, the run artifacts a finished run leaves included.
 """
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,38 +22,25 @@ import torch
 
 from gan_models import GAN, GANSpec, Generator, unwrap
 from pipelines.errors import UserError
+from pipelines.files import atomic_write
 
 STATE_FILE = "state.pt"
 GENERATOR_FILE = "generator.pt"
 CONFIG_FILE = "config.json"
 PENDING_METRICS_FILE = "pending_metrics.json"
 SAMPLES_DIR = "samples"
+# A finished training run's MLflow artifacts: GENERATOR_FILE and CONFIG_FILE of its final checkpoint under this
+# folder (what evaluate and register read), and the loss-curve figure.
+GENERATOR_ARTIFACT_DIR = "generator"
+LOSS_CURVES_ARTIFACT = "loss_curves.png"
 
 
 class CheckpointError(UserError):
     pass
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def write_checkpoint(directory: Path, gan: GAN, progress: dict[str, int], run_config: dict,
-                     pending_metrics: list, sample_pngs: dict[str, bytes]) -> None:
+                     pending_metrics: list, sample_pngs: dict[str, bytes], hook_states: Optional[dict] = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     state = {
         "generator": unwrap(gan.generator).state_dict(),
@@ -66,10 +54,12 @@ def write_checkpoint(directory: Path, gan: GAN, progress: dict[str, int], run_co
     for name, scaler in (("scaler_g", gan.scaler_g), ("scaler_d", gan.scaler_d)):
         if scaler is not None:
             state[name] = scaler.state_dict()
-    _atomic_torch_save(state, directory / STATE_FILE)
-    _atomic_torch_save(unwrap(gan.generator).state_dict(), directory / GENERATOR_FILE)
-    _atomic_write_text(directory / CONFIG_FILE, json.dumps(run_config, indent=2, sort_keys=True))
-    _atomic_write_text(directory / PENDING_METRICS_FILE, json.dumps(pending_metrics))
+    if hook_states:
+        state["hooks"] = hook_states
+    atomic_write(directory / STATE_FILE, lambda f: torch.save(state, f))
+    atomic_write(directory / GENERATOR_FILE, lambda f: torch.save(unwrap(gan.generator).state_dict(), f))
+    atomic_write(directory / CONFIG_FILE, json.dumps(run_config, indent=2, sort_keys=True))
+    atomic_write(directory / PENDING_METRICS_FILE, json.dumps(pending_metrics))
     if sample_pngs:
         (directory / SAMPLES_DIR).mkdir(exist_ok=True)
         for name, data in sample_pngs.items():
@@ -92,8 +82,8 @@ def safe_load(path: Path) -> Any:
         raise CheckpointError(f"checkpoint file {path} is unreadable or truncated: {exc}") from None
 
 
-def restore(gan: GAN, directory: Path) -> dict[str, int]:
-    """Load a checkpoint into ``gan`` (before DDP wrapping); return its progress counters."""
+def restore(gan: GAN, directory: Path) -> tuple[dict[str, int], dict]:
+    """Load a checkpoint into ``gan`` (before DDP wrapping); return its progress counters and the hooks' states."""
     state = safe_load(Path(directory) / STATE_FILE)
     unwrap(gan.generator).load_state_dict(state["generator"])
     unwrap(gan.discriminator).load_state_dict(state["discriminator"])
@@ -104,7 +94,7 @@ def restore(gan: GAN, directory: Path) -> dict[str, int]:
     for name in ("scaler_g", "scaler_d"):
         if name in state and getattr(gan, name) is not None:
             getattr(gan, name).load_state_dict(state[name])
-    return {k: int(v) for k, v in state["progress"].items()}
+    return {k: int(v) for k, v in state["progress"].items()}, state.get("hooks", {})
 
 
 def read_run_config(directory: Path) -> dict:

@@ -265,7 +265,7 @@ def tune(cfg: PipelineConfig, space_file: Optional[str]) -> None:
 @_fail_cleanly
 def promote(cfg: PipelineConfig, name, version, from_alias, to_alias, metric, force) -> None:
     """Move an alias (candidate -> champion) with a quality guard."""
-    from pipelines.register import promote_stage
+    from pipelines.promote import promote_stage
 
     promote_stage(cfg, name=name, version=version, from_alias=from_alias, to_alias=to_alias, metric=metric, force=force)
 
@@ -297,7 +297,7 @@ def models() -> None:
 @_fail_cleanly
 def models_list(cfg: PipelineConfig) -> None:
     """Registered models with their aliases."""
-    from pipelines.register import models_list_stage
+    from pipelines.models import models_list_stage
 
     models_list_stage(cfg)
 
@@ -308,7 +308,7 @@ def models_list(cfg: PipelineConfig) -> None:
 @_fail_cleanly
 def models_show(cfg: PipelineConfig, name: str) -> None:
     """Versions of one model: aliases, metrics, dataset, run."""
-    from pipelines.register import models_show_stage
+    from pipelines.models import models_show_stage
 
     models_show_stage(cfg, name=name)
 

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gan_models.presets import PRESETS, preset
+from gan_models.step import GANSpec
 
 SUPPORTED_RESOLUTIONS = (28, 32, 64)
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "imagefolder")
@@ -202,6 +203,27 @@ class PipelineConfig(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def gan_spec(self, resolution: int, channels: int, num_classes: int) -> GANSpec:
+        """The config mapped onto what the science needs (geometry comes from the dataset's manifest)."""
+        m, o = self.model, self.optim
+        # 32 channels at the widest-resolution layer suffice for 28/32 px digits and keep CPUs fast; 64 px images
+        # get the DCGAN reference width.
+        default_width = 64 if resolution >= 64 else 32
+        return GANSpec(
+            resolution=resolution, channels=channels, nz=m.nz, ngf=m.ngf or default_width,
+            ndf=m.ndf or m.ngf or default_width, objective=m.objective,
+            conditional=m.conditional, num_classes=num_classes if m.conditional else m.num_classes,
+            critic_batchnorm=m.critic_batchnorm, aux_class_weight=m.aux_class_weight, optimizer=o.optimizer,
+            lr_g=o.lr_g, lr_d=o.lr_d, beta1=o.beta1, beta2=o.beta2, n_critic=o.n_critic, clip_value=o.clip_value,
+            gp_weight=o.gp_weight, precision=self.train.precision,
+        )
+
+    @model_validator(mode="after")
+    def _science_rules(self) -> "PipelineConfig":
+        """The science's own rules on a GAN (``GANSpec``) fire here, when the config is built, not in a Ray worker."""
+        self.gan_spec(resolution=32, channels=1, num_classes=self.model.num_classes)
+        return self
 
 
 def _deep_merge(base: dict, override: dict) -> dict:

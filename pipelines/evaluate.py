@@ -8,7 +8,6 @@ generator always gets the same score.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -17,10 +16,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from gan_models.sampling import generate, image_grid, save_png, to_uint8
-from pipelines import checkpoints, tracking
+from gan_models.sampling import evaluation_inputs, generate, image_grid, save_png, to_uint8
+from pipelines import checkpoints, tags, tracking
 from pipelines.config import PipelineConfig
 from pipelines.errors import UserError
+from pipelines.files import atomic_write
 
 
 def domain_classifier(cfg: PipelineConfig, data_path: str, manifest: dict):
@@ -61,13 +61,14 @@ def classifier_epochs(cfg: PipelineConfig, manifest: dict) -> int:
 
 def _download_generator(mlflow_client, run_id: str, target: Path) -> Path:
     try:
-        names = {a.path for a in mlflow_client.list_artifacts(run_id, "generator")}
+        names = {a.path for a in mlflow_client.list_artifacts(run_id, checkpoints.GENERATOR_ARTIFACT_DIR)}
     except Exception as exc:  # noqa: BLE001 - unknown run ids surface as various MLflow errors
         raise UserError(f"MLflow run {run_id!r} not found or unreadable: {exc}") from None
-    if "generator/generator.pt" not in names:
-        raise UserError(f"MLflow run {run_id} has no generator artifacts (generator/generator.pt): it is not a "
+    weights = f"{checkpoints.GENERATOR_ARTIFACT_DIR}/{checkpoints.GENERATOR_FILE}"
+    if weights not in names:
+        raise UserError(f"MLflow run {run_id} has no generator artifacts ({weights}): it is not a "
                         f"finished gan-pipeline training run; train it to the end first (gan-pipeline train --resume)")
-    return Path(mlflow_client.download_artifacts(run_id, "generator", str(target)))
+    return Path(mlflow_client.download_artifacts(run_id, checkpoints.GENERATOR_ARTIFACT_DIR, str(target)))
 
 
 def resolve_model_uri(mlflow_client, model_uri: str) -> str:
@@ -123,9 +124,7 @@ def evaluate_stage(cfg: PipelineConfig, run_id: Optional[str] = None, checkpoint
     classifier, _ = domain_classifier(cfg, data_path, manifest)
     n = cfg.eval.num_samples
     start = time.perf_counter()
-    gen = torch.Generator().manual_seed(cfg.eval.seed)
-    z = torch.randn(n, spec.nz, generator=gen)
-    labels = (torch.arange(n) % spec.num_classes) if spec.conditional else None
+    z, labels = evaluation_inputs(spec.nz, n, cfg.eval.seed, spec.num_classes if spec.conditional else None)
     fake = generate(generator, z, labels, batch_size=cfg.eval.batch_size)
     real_x, real_y = load_split(data_path, "heldout", limit=n, seed=cfg.eval.seed)
     cache: dict = {}
@@ -164,17 +163,12 @@ def _real_floor(cfg, data_path, manifest, classifier, real_x, real_y, spec, cach
     floor = real_floor(train_x, real_x, classifier, cfg.eval, train_labels=train_y, heldout_labels=real_y,
                        conditional=False, num_classes=spec.num_classes, names=names, cache=cache)
     floor = {k: float(v) for k, v in floor.items() if isinstance(v, (int, float, np.floating))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(floor))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(floor))
     return floor
 
 
 def _write_outputs(out_dir: Path, metrics: dict, fake: torch.Tensor, spec, generator) -> None:
-    tmp = out_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    os.replace(tmp, out_dir / "metrics.json")
+    atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
     save_png(image_grid(fake[:64], nrow=8), out_dir / "samples.png")
     if spec.conditional:
         per_class = 10
@@ -193,16 +187,16 @@ def _log(mlflow_client, run_id: str, metrics: dict, out_dir: Path, cfg: Pipeline
         # a registered model gets a linked evaluation run rather than new numbers on its training run
         exp = mlflow_client.get_run(run_id).info.experiment_id
         target = mlflow_client.create_run(exp, run_name=f"evaluate {model_uri}", tags={
-            "gan_pipeline.stage": "evaluate", "gan_pipeline.evaluates": model_uri,
-            "gan_pipeline.source_run_id": run_id}).info.run_id
+            tags.STAGE: "evaluate", tags.EVALUATES: model_uri,
+            tags.SOURCE_RUN_ID: run_id}).info.run_id
         created(mlflow_client, target)
     items = [Metric(k, v, now, 0) for k, v in metrics.items()]
     for start in range(0, len(items), 1000):
         mlflow_client.log_batch(target, metrics=items[start:start + 1000])
-    tags = {"eval.num_samples": str(cfg.eval.num_samples), "eval.seed": str(cfg.eval.seed),
+    eval_tags = {"eval.num_samples": str(cfg.eval.num_samples), "eval.seed": str(cfg.eval.seed),
             "eval.classifier_fingerprint": str(getattr(classifier, "fingerprint", "")),
             "eval.reference": "heldout split"}
-    for key, value in tags.items():
+    for key, value in eval_tags.items():
         mlflow_client.set_tag(target, key, value)
     for name in ("metrics.json", "samples.png", "class_grid.png"):
         if (out_dir / name).exists():

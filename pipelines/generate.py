@@ -6,13 +6,12 @@ What the model takes (conditional? how many classes? nz?) is read from the loade
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from pipelines.config import PipelineConfig
 from pipelines.errors import BadValue, UserError
+from pipelines.files import atomic_write
 
 
 def model_info(model) -> dict:
@@ -50,18 +49,6 @@ def slerp(z0, z1, steps: int):
         return (1 - t) * z0 + t * z1
     so = torch.sin(omega)
     return torch.sin((1 - t) * omega) / so * z0 + torch.sin(t * omega) / so * z1
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _VERIFIED_COPIES: list = []
@@ -104,6 +91,8 @@ def generate_stage(cfg: PipelineConfig, model_uri: str, n: int = 64, label: Opti
     import numpy as np
     import torch
 
+    from gan_models.sampling import evaluation_inputs
+
     if n < 1:
         raise BadValue(f"--n must be at least 1, got {n}")
     if n > MAX_IMAGES:
@@ -130,13 +119,13 @@ def generate_stage(cfg: PipelineConfig, model_uri: str, n: int = 64, label: Opti
             raise UserError(f"--label {label} is outside the classes of {model_uri}: use 0..{info['num_classes'] - 1}"
                             f"{hint}")
 
-    rng = torch.Generator().manual_seed(seed)
+    cycling = None
     if interpolate:
-        ends = torch.randn(2, info["nz"], generator=rng)
+        ends = torch.randn(2, info["nz"], generator=torch.Generator().manual_seed(seed))
         z = slerp(ends[0], ends[1], n)
         nrow = n
     else:
-        z = torch.randn(n, info["nz"], generator=rng)
+        z, cycling = evaluation_inputs(info["nz"], n, seed, info["num_classes"] if info["conditional"] else None)
         nrow = info["num_classes"] if info["conditional"] and label is None else max(1, math.ceil(math.sqrt(n)))
     inputs = {"z": z.numpy().astype(np.float32)}
     labels = None
@@ -146,7 +135,7 @@ def generate_stage(cfg: PipelineConfig, model_uri: str, n: int = 64, label: Opti
         elif interpolate:
             labels = np.zeros(n, dtype=np.int64)  # one class along the strip; --label picks another
         else:
-            labels = np.arange(n, dtype=np.int64) % info["num_classes"]
+            labels = cycling.numpy()
         inputs["label"] = labels
 
     images = np.asarray(model.predict(inputs), dtype=np.float32)
@@ -159,12 +148,12 @@ def generate_stage(cfg: PipelineConfig, model_uri: str, n: int = 64, label: Opti
     tensor = torch.from_numpy(images)
     if fmt == "npy":
         array = to_uint8(tensor).numpy()
-        _atomic_write(path, lambda fh: np.save(fh, array))
+        atomic_write(path, lambda fh: np.save(fh, array))
     else:
         from PIL import Image
 
         grid = Image.fromarray(image_grid(tensor, nrow=nrow))
-        _atomic_write(path, lambda fh: grid.save(fh, format="PNG"))
+        atomic_write(path, lambda fh: grid.save(fh, format="PNG"))
     what = f"interpolation strip of {n} steps" if interpolate else f"{n} images"
     print(f"wrote {what} {tuple(images.shape[1:])} from {model_uri} to {path}", flush=True)
     return {"out": str(path), "shape": tuple(images.shape), "labels": None if labels is None else labels.tolist()}

@@ -21,13 +21,12 @@ import json
 import os
 import posixpath
 from pathlib import Path
+from pipelines import tags
 from pipelines.data import DataError
 from pipelines.errors import UserError
 
 VERIFIED_CACHE = ".gan-pipeline-verified.json"
-ARTIFACTS_TAG = "gan_pipeline.artifacts_sha256"
-WEIGHTS_TAG = "gan_pipeline.weights_sha256"
-FILES_TAG = "gan_pipeline.artifact_files"
+ARTIFACTS_TAG, FILES_TAG, WEIGHTS_TAG = tags.ARTIFACTS_SHA256, tags.ARTIFACT_FILES, tags.WEIGHTS_SHA256
 _FIX = "re-run gan-pipeline prepare --force"
 
 
@@ -65,12 +64,12 @@ def _read_cache(root: Path) -> dict:
 
 
 def _write_cache(root: Path, cache: dict) -> None:
-    tmp = root / f".{VERIFIED_CACHE}.{os.getpid()}.tmp"
+    from pipelines.files import atomic_write
+
     try:
-        tmp.write_text(json.dumps(cache, sort_keys=True))
-        os.replace(tmp, root / VERIFIED_CACHE)
+        atomic_write(root / VERIFIED_CACHE, json.dumps(cache, sort_keys=True))
     except OSError:  # a read-only dataset is verified again next time; nothing else depends on the cache
-        tmp.unlink(missing_ok=True)
+        pass
 
 
 def verify_shards(fs, root: str, manifest: dict, where: str, full: bool = False) -> None:

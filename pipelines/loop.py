@@ -1,51 +1,34 @@
-"""The training loop, written once: every Ray Train worker of ``train``, ``run`` and ``tune`` runs
-``train_loop_per_worker``. Its body is ``gan_models.train_step``; around it: data, DDP, checkpoints, metrics.
+"""The training loop, written once: every Ray Train worker of ``train``, ``run`` and ``tune`` runs ``train_worker``
+on a ``TrainJob``: setup, resume, then ``gan_models.train_step`` with the hooks of ``pipelines.hooks`` around it
+(console, divergence guard, sample grids, the MLflow committer, plus the job's own, e.g. Tune's reporter).
 """
 from __future__ import annotations
 
-import io
 import logging
-import math
 import os
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
-from gan_models import GAN, GANSpec, build_gan, performance, train_step
-from gan_models.sampling import fixed_inputs, generate, image_grid
+from gan_models import GAN, build_gan, performance, train_step
+from gan_models.sampling import from_uint8
 from pipelines import checkpoints, tracking
 from pipelines.config import PipelineConfig, config_from_dict
-
-DIVERGED_TAG = "gan_pipeline.diverged"
-RESTARTS_TAG = "gan_pipeline.restarts"
-RESUMED_FROM_TAG = "gan_pipeline.resumed_from_step"
-
-
-def gan_spec(cfg: PipelineConfig, resolution: int, channels: int, num_classes: int) -> GANSpec:
-    """The typed config, mapped onto what the science needs (geometry comes from the dataset manifest)."""
-    m, o = cfg.model, cfg.optim
-    # 32 channels at the widest-resolution layer suffice for 28/32 px digits and keep CPUs fast; 64 px images
-    # get the DCGAN reference width.
-    default_width = 64 if resolution >= 64 else 32
-    return GANSpec(
-        resolution=resolution, channels=channels, nz=m.nz, ngf=m.ngf or default_width,
-        ndf=m.ndf or m.ngf or default_width, objective=m.objective,
-        conditional=m.conditional, num_classes=num_classes if m.conditional else m.num_classes,
-        critic_batchnorm=m.critic_batchnorm, aux_class_weight=m.aux_class_weight, optimizer=o.optimizer,
-        lr_g=o.lr_g, lr_d=o.lr_d, beta1=o.beta1, beta2=o.beta2, n_critic=o.n_critic, clip_value=o.clip_value,
-        gp_weight=o.gp_weight, precision=cfg.train.precision,
-    )
+from pipelines.faults import fault_hooks_from_env
+from pipelines.hooks import Hook, LoopState, StopTraining, default_hooks
+from pipelines.job import TrainJob
+from pipelines.training_metrics import EPOCH, IMAGES_PER_SECOND, REPLICA_MAX_ABS_DIFF
 
 
 def build_training_gan(cfg: PipelineConfig, manifest: dict, device: torch.device = torch.device("cpu")) -> GAN:
     """The GAN a worker trains: the config's spec for this dataset, weights seeded by ``train.seed``, the speed
     options applied. The benchmarks build their pipeline side with it too, so they measure what runs."""
-    spec = gan_spec(cfg, manifest["resolution"], manifest["channels"], max(len(manifest["class_names"]), 2))
+    spec = cfg.gan_spec(manifest["resolution"], manifest["channels"], max(len(manifest["class_names"]), 2))
     gan = build_gan(spec, device=device, seed=cfg.train.seed)
     return performance.apply_options(gan, channels_last=cfg.train.channels_last, compile=cfg.train.compile)
 
@@ -59,7 +42,7 @@ def total_steps(cfg: PipelineConfig, steps_per_epoch: int) -> int:
 
 def normalize(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 pixels travel to the worker's device; the float conversion happens there."""
-    return images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    return from_uint8(images.to(device, non_blocking=True))
 
 
 class BatchStream:
@@ -126,28 +109,6 @@ def replica_spread(*modules: torch.nn.Module) -> float:
     return float(spread.item())
 
 
-def _injected_fault(step: int, rank: int, resumed: bool) -> None:
-    """Fault injection for the reliability tests: ``GAN_PIPELINE_FAULT=kill@STEP[:RANK]`` SIGKILLs that worker
-    (first attempt only), ``nan@STEP`` makes the losses non-finite from that step on."""
-    spec = os.environ.get("GAN_PIPELINE_FAULT", "")
-    if not spec.startswith("kill@") or resumed:
-        return
-    at, _, which = spec[5:].partition(":")
-    if step == int(at) and rank == int(which or 0):
-        import signal
-
-        print(f"[gan-pipeline] fault injection: SIGKILL of rank {rank} at step {step}", flush=True)
-        # Ray Train's controller registers a reported checkpoint when it next polls the workers (every few
-        # seconds); a crash within that window resumes from the checkpoint before. Tests want the usual case.
-        time.sleep(float(os.environ.get("GAN_PIPELINE_FAULT_DELAY", "5")))
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _nan_injected(step: int) -> bool:
-    spec = os.environ.get("GAN_PIPELINE_FAULT", "")
-    return spec.startswith("nan@") and step >= int(spec[4:])
-
-
 def wrap_ddp(gan: GAN) -> None:
     """G and D (and the auxiliary classifier) are wrapped separately. No buffer sync at forward: D runs
     forward on real and fake before one backward; broadcasting batch-norm buffers at the second forward
@@ -173,141 +134,163 @@ def _reseed(seed: int, rank: int, step: int) -> None:
     torch.manual_seed((seed * 1_000_003 + step) * 1009 + rank)
 
 
-def _png(array) -> bytes:
-    from PIL import Image
+class CountedBatches:
+    """The real batches ``train_step`` takes, counted: throughput from what was consumed, whatever the number of
+    critic iterations per step."""
 
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
+    def __init__(self, batches: Iterator):
+        self.batches, self.images = batches, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        images, labels = next(self.batches)
+        self.images += images.shape[0]
+        return images, labels
 
 
-def _format_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+class Worker:
+    """One worker's training: what ``setup`` builds, ``resume`` restores and ``run`` trains."""
+
+    def __init__(self, job: TrainJob):
+        import ray.train
+        import ray.train.torch
+
+        from pipelines.data.reader import TrainReader, load_manifest
+
+        self.job, self.cfg = job, config_from_dict(job.config)
+        t = self.cfg.train
+        context = ray.train.get_context()
+        rank, world = context.get_world_rank(), context.get_world_size()
+        torch.set_num_threads(job.threads or max(1, (os.cpu_count() or 1) // world))
+        self.device = ray.train.torch.get_device() if t.gpu else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        manifest = load_manifest(job.data_path)
+        self.gan = build_training_gan(self.cfg, manifest, self.device)
+        self.reader = TrainReader(job.data_path, rank=rank, world_size=world, batch_size=t.batch_size, seed=t.seed)
+        self.run_config = {"config": job.config, "gan_spec": asdict(self.gan.spec), "data_path": job.data_path,
+                           "manifest_hash": manifest["manifest_hash"], "mlflow_run_id": job.run_id,
+                           "class_names": manifest["class_names"], "dataset": manifest["dataset"]}
+        self.loop = LoopState(self.gan, rank, world, total_steps(self.cfg, self.reader.steps_per_epoch),
+                              t.checkpoint_every, t.log_every, t.sample_every, t.seed)
+        client = tracking.client(job.tracking_uri) if rank == 0 else None
+        self.hooks: list[Hook] = [*fault_hooks_from_env(), *default_hooks(self.gan, self.loop, client, job.run_id),
+                                  *(make() for make in job.hook_factories)]
+        self.position = {"epoch": 0, "batch_in_epoch": 0}
+
+    def resume(self) -> None:
+        """From Ray's latest checkpoint of the run, or the driver's when newer (Ray registers checkpoints
+        asynchronously: a driver killed just after one was written leaves it on storage, not in Ray's records)."""
+        import ray.train
+
+        checkpoint, newer = ray.train.get_checkpoint(), self.job.resume_from
+        if newer and (checkpoint is None or checkpoints.checkpoint_step(newer) > checkpoints.checkpoint_step(checkpoint.path)):
+            checkpoint = ray.train.Checkpoint.from_directory(newer)
+        if checkpoint is not None:
+            with checkpoint.as_directory() as ckpt_dir:
+                progress, hook_states = checkpoints.restore(self.gan, Path(ckpt_dir))
+                pending = checkpoints.read_pending_metrics(Path(ckpt_dir))
+            self.loop.step, self.loop.resumed = progress["step"], True
+            self.position = {"epoch": progress["epoch"], "batch_in_epoch": progress["batch_in_epoch"]}
+            for hook in self.hooks:
+                if hook.state_key in hook_states:
+                    hook.load_state_dict(hook_states[hook.state_key])
+                hook.on_resume(self.loop, pending)
+        _reseed(self.cfg.train.seed, self.loop.rank, self.loop.step)
+
+    def run(self) -> None:
+        loop, hooks = self.loop, self.hooks
+        wrap_ddp(self.gan)
+        stream = BatchStream(self.reader, self.device, **self.position)
+        # reads and host-to-device copies overlap the step (on CPU: a small in-memory gather)
+        batches = CountedBatches(performance.Prefetcher(stream) if self.device.type == "cuda" else stream)
+        throughput = _Throughput(batches, loop.world)
+        while not loop.last and loop.step < loop.total_steps:
+            stats = train_step(self.gan, batches)
+            loop.step += 1
+            loop.epoch = batches.batches.epoch
+            for hook in hooks:
+                hook.on_step(loop, stats)
+            loop.last = loop.step >= loop.total_steps
+            loop.at_checkpoint = loop.last or loop.step % loop.checkpoint_every == 0
+            if loop.step % loop.log_every == 0 or loop.at_checkpoint:
+                values = _mean_across_ranks({**stats, _STOP: torch.tensor(float(loop.stop_reason is not None), device=self.device)})
+                if values.pop(_STOP) > 0:  # some rank's hook asked to stop: all ranks end here, as at the last step
+                    loop.last = loop.at_checkpoint = True
+                values[IMAGES_PER_SECOND] = throughput.images_per_second()
+                values[EPOCH] = loop.epoch + batches_in_epoch(batches) / max(self.reader.steps_per_epoch, 1)
+                try:
+                    for hook in hooks:
+                        hook.on_log(loop, values)
+                except StopTraining:
+                    return
+                loop.pending.append((loop.step, values))
+            for hook in hooks:
+                hook.after_step(loop)
+            if loop.at_checkpoint:
+                self.checkpoint({"step": loop.step, "epoch": loop.epoch, "batch_in_epoch": batches_in_epoch(batches)})
+
+    def checkpoint(self, progress: dict[str, int]) -> None:
+        """Persist a checkpoint (rank 0 writes, every rank reports), then let the hooks commit what it covers."""
+        import ray.train
+
+        loop, hooks = self.loop, self.hooks
+        average_buffers(self.gan.generator, self.gan.discriminator)
+        values = loop.pending[-1][1]
+        values[REPLICA_MAX_ABS_DIFF] = replica_spread(self.gan.generator, self.gan.discriminator)
+        for hook in hooks:
+            values.update(hook.checkpoint_metrics(loop))
+        reported = {"step": loop.step, **values}
+        for hook in hooks:
+            reported.update(hook.report_metrics(loop))
+        states = {h.state_key: state for h in hooks if (state := h.state_dict()) is not None}
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if loop.is_chief:
+                checkpoints.write_checkpoint(Path(tmp), self.gan, progress, self.run_config, loop.pending,
+                                             loop.pending_images, hook_states=states)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(reported, checkpoint=ckpt, checkpoint_dir_name=checkpoints.checkpoint_dir_name(loop.step))
+        for hook in hooks:  # the checkpoint is persisted: now (and only now) what it covers is committed
+            hook.after_checkpoint(loop)
+        loop.pending, loop.pending_images = [], {}
+        _reseed(self.cfg.train.seed, loop.rank, loop.step)
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train worker entry point. ``loop_config``: config (dict), data_path, run_id, tracking_uri,
-    optional ``report_hook`` (Tune: a callable(step, gan, metrics) -> dict of extra metrics to report)."""
-    import ray.train
-    import ray.train.torch
+_STOP = "_stop_requested"
 
-    from pipelines.data.reader import TrainReader, load_manifest
 
-    # Ray Train logs every report at INFO; the loop prints its own progress.
-    # (some of its loggers are named by file path, not by module)
+def batches_in_epoch(batches: CountedBatches) -> int:
+    return batches.batches.batch_in_epoch
+
+
+class _Throughput:
+    """Images per second over the window since the previous call, from the real batches consumed on all ranks."""
+
+    def __init__(self, batches: CountedBatches, world: int):
+        self.batches, self.world = batches, world
+        self.start, self.images = time.perf_counter(), batches.images
+
+    def images_per_second(self) -> float:
+        now = time.perf_counter()
+        rate = (self.batches.images - self.images) * self.world / max(now - self.start, 1e-9)
+        self.start, self.images = now, self.batches.images
+        return rate
+
+
+def _quiet_ray_train_logs() -> None:
+    """Ray Train logs every report at INFO; the loop prints its own progress. (Some of its loggers are named
+    by file path, not by module.)"""
     for name in ["ray.train", *(n for n in logging.root.manager.loggerDict
                                 if n.startswith("ray.train") or f"{os.sep}ray{os.sep}train{os.sep}" in n)]:
         logging.getLogger(name).setLevel(logging.WARNING)
-    cfg = config_from_dict(loop_config["config"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(loop_config.get("threads") or max(1, (os.cpu_count() or 1) // world))
-    device = ray.train.torch.get_device() if cfg.train.gpu else torch.device("cpu")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
 
-    manifest = load_manifest(loop_config["data_path"])
-    gan = build_training_gan(cfg, manifest, device)
-    spec = gan.spec
-    reader = TrainReader(loop_config["data_path"], rank=rank, world_size=world,
-                         batch_size=cfg.train.batch_size, seed=cfg.train.seed)
-    steps = total_steps(cfg, reader.steps_per_epoch)
-    run_config = {"config": loop_config["config"], "gan_spec": asdict(spec), "manifest_hash": manifest["manifest_hash"],
-                  "data_path": loop_config["data_path"], "mlflow_run_id": loop_config["run_id"],
-                  "class_names": manifest["class_names"], "dataset": manifest["dataset"]}
 
-    progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-    mlflow_client = tracking.client(loop_config["tracking_uri"]) if rank == 0 else None
-    checkpoint = ray.train.get_checkpoint()
-    resume_from = loop_config.get("resume_from")
-    if resume_from and (checkpoint is None
-                        or checkpoints.checkpoint_step(resume_from) > checkpoints.checkpoint_step(checkpoint.path)):
-        # Ray registers a checkpoint asynchronously: a driver killed just after one was written leaves it on
-        # storage but not in Ray's records. The driver found the newest complete one; it wins when newer.
-        checkpoint = ray.train.Checkpoint.from_directory(resume_from)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            progress = checkpoints.restore(gan, Path(ckpt_dir))
-            pending = checkpoints.read_pending_metrics(Path(ckpt_dir))
-        if rank == 0:
-            done = tracking.committed_step(mlflow_client, loop_config["run_id"])
-            tracking.commit_metrics(mlflow_client, loop_config["run_id"], pending, after_step=done)
-            # a trace on the run (worker stdout can be lost when a worker dies): how often, and from where
-            restarts = int(mlflow_client.get_run(loop_config["run_id"]).data.tags.get(RESTARTS_TAG, "0")) + 1
-            mlflow_client.set_tag(loop_config["run_id"], RESTARTS_TAG, str(restarts))
-            mlflow_client.set_tag(loop_config["run_id"], RESUMED_FROM_TAG, str(progress["step"]))
-            print(f"[gan-pipeline] resumed from checkpoint at step {progress['step']}/{steps}", flush=True)
-    _reseed(cfg.train.seed, rank, progress["step"])
-    wrap_ddp(gan)
-
-    stream = BatchStream(reader, device, progress["epoch"], progress["batch_in_epoch"])
-    if device.type == "cuda":  # reads and host-to-device copies overlap the step (on CPU: a small in-memory gather)
-        stream = performance.Prefetcher(stream)
-    fixed_z, fixed_labels = fixed_inputs(gan, n=64 if not spec.conditional else 10 * spec.num_classes, seed=cfg.train.seed)
-    pending: list = []
-    pending_pngs: dict[str, bytes] = {}
-    report_hook: Optional[Callable] = loop_config.get("report_hook")
-    images_per_step = cfg.train.batch_size * spec.n_critic * world
-    window_start, window_steps = time.perf_counter(), 0
-    step = progress["step"]
-
-    resumed = checkpoint is not None
-    while step < steps:
-        stats = train_step(gan, stream)
-        step += 1
-        _injected_fault(step, rank, resumed)
-        if _nan_injected(step):
-            stats["d_loss"] = stats["d_loss"] * float("nan")
-        window_steps += 1
-        last = step == steps
-        is_checkpoint = last or step % cfg.train.checkpoint_every == 0
-        if step % cfg.train.log_every == 0 or is_checkpoint:
-            values = _mean_across_ranks(stats)
-            elapsed = time.perf_counter() - window_start
-            values["images_per_second"] = images_per_step * window_steps / max(elapsed, 1e-9)
-            window_start, window_steps = time.perf_counter(), 0
-            if not all(math.isfinite(v) for v in values.values()):
-                bad = sorted(k for k, v in values.items() if not math.isfinite(v))
-                if rank == 0:
-                    mlflow_client.set_tag(loop_config["run_id"], DIVERGED_TAG,
-                                          f"non-finite {', '.join(bad)} at step {step}")
-                    print(f"[gan-pipeline] training diverged at step {step}: {', '.join(bad)} not finite; "
-                          f"stopping (the last good checkpoint is kept)", flush=True)
-                return
-            values["epoch"] = stream.epoch + stream.batch_in_epoch / max(reader.steps_per_epoch, 1)
-            pending.append((step, values))
-            if rank == 0:
-                eta = (steps - step) * images_per_step / max(values["images_per_second"], 1e-9)
-                losses = "  ".join(f"{k} {values[k]:.4f}" for k in ("d_loss", "g_loss", "wasserstein_estimate")
-                                   if k in values)
-                print(f"[gan-pipeline] step {step}/{steps} ({100 * step / steps:.0f}%)  epoch {stream.epoch}  "
-                      f"{losses}  {values['images_per_second']:.0f} img/s  ETA {_format_eta(eta)}", flush=True)
-        if rank == 0 and (step % cfg.train.sample_every == 0 or last):
-            grid = image_grid(generate(gan.generator, fixed_z, fixed_labels),
-                              nrow=10 if spec.conditional else 8)
-            pending_pngs[f"samples_step{step:08d}.png"] = _png(grid)
-        if not is_checkpoint:
-            continue
-
-        average_buffers(gan.generator, gan.discriminator)
-        spread = replica_spread(gan.generator, gan.discriminator)
-        if pending:
-            pending[-1][1]["replica_max_abs_diff"] = spread
-        extra = report_hook(step, gan, loop_config) if report_hook and rank == 0 else {}
-        progress = {"step": step, "epoch": stream.epoch, "batch_in_epoch": stream.batch_in_epoch}
-        metrics = {"step": step, **(pending[-1][1] if pending else {}), **(extra or {})}
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                checkpoints.write_checkpoint(Path(tmp), gan, progress, run_config, pending, pending_pngs)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoints.checkpoint_dir_name(step))
-        if rank == 0:
-            # The checkpoint is persisted: now (and only now) the metrics it covers are committed; steps that
-            # MLflow already holds (from an attempt that outlived its driver) are not logged twice.
-            done = tracking.committed_step(mlflow_client, loop_config["run_id"])
-            tracking.commit_metrics(mlflow_client, loop_config["run_id"], pending, after_step=done)
-            tracking.commit_images(mlflow_client, loop_config["run_id"], pending_pngs)
-        pending, pending_pngs = [], {}
-        _reseed(cfg.train.seed, rank, step)
+def train_worker(job: TrainJob) -> None:
+    """Ray Train worker entry point (``launch.build_trainer`` binds the job)."""
+    _quiet_ray_train_logs()
+    worker = Worker(job)
+    worker.resume()
+    worker.run()

@@ -14,7 +14,7 @@ from pipelines.data import DataError
 from pipelines.data.sources import NATIVE, open_source
 from pipelines.data.store import summary_text, write_dataset
 
-__all__ = ["PreparedDataset", "prepare_dataset", "prepare_stage", "default_output", "DataError"]
+__all__ = ["PreparedDataset", "ensure_dataset", "prepare_dataset", "prepare_stage", "default_output", "DataError"]
 
 
 @dataclass(frozen=True)
@@ -55,3 +55,15 @@ def prepare_dataset(data: DataConfig, out: Optional[str] = None, force: bool = F
 def prepare_stage(cfg, out: Optional[str] = None, force: bool = False, console=None) -> PreparedDataset:
     """CLI entry: ``gan-pipeline prepare`` with a resolved ``PipelineConfig`` (uses ``cfg.data``, ``cfg.runs_dir``)."""
     return prepare_dataset(cfg.data, out=out, force=force, console=console, runs_dir=cfg.runs_dir)
+
+
+def ensure_dataset(cfg) -> tuple[str, dict]:
+    """The prepared dataset named by ``data.path``, else the configured dataset prepared now (a no-op when it
+    exists with the same inputs): its absolute path (a Ray worker has its own working directory) and manifest."""
+    from pipelines.data.reader import load_manifest
+    from pipelines.files import absolute_path
+
+    if cfg.data.path:
+        return absolute_path(cfg.data.path), load_manifest(cfg.data.path)
+    prepared = prepare_dataset(cfg.data, runs_dir=cfg.runs_dir)
+    return absolute_path(prepared.path), prepared.manifest

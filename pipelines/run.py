@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, Callable, Optional
 
 from pipelines.config import PipelineConfig
 from pipelines.errors import UserError
+from pipelines.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Stage:
 
 def _prepare(cfg: PipelineConfig, upstream: dict, wf: "Workflow") -> dict:
     from pipelines.preflight import check_dataset_fits
-    from pipelines.train import ensure_dataset
+    from pipelines.prepare import ensure_dataset
 
     data_path, manifest = ensure_dataset(cfg)
     check_dataset_fits(cfg, manifest, data_path, needs_labels="gan-pipeline run (its evaluate stage)")
@@ -60,7 +60,8 @@ def _evaluate(cfg: PipelineConfig, upstream: dict, wf: "Workflow") -> dict:
 
 
 def _register(cfg: PipelineConfig, upstream: dict, wf: "Workflow") -> dict:
-    from pipelines.register import promote_stage, register_stage
+    from pipelines.promote import promote_stage
+    from pipelines.register import register_stage
 
     registered = register_stage(cfg, run_id=upstream["train"]["run_id"])
     outputs = {"name": registered["name"], "version": registered["version"], "promoted": False}
@@ -100,9 +101,7 @@ class Workflow:
 
     def save(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.state, indent=2, sort_keys=True))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(self.state, indent=2, sort_keys=True))
 
     def inputs_hash(self, stage_name: str) -> str:
         """A stage's inputs: its config sections and everything upstream (their inputs and outputs)."""
@@ -154,6 +153,16 @@ def run_stage(cfg: PipelineConfig, run_name: Optional[str] = None) -> dict:
         upstream[stage.name] = outputs
         report.append((stage.name, "ran", seconds))
     _summary(cfg, wf, upstream, report)
+    return upstream
+
+
+def run_after_training(cfg: PipelineConfig, name: str, trained: dict) -> dict:
+    """The stages after ``train`` for a run trained elsewhere (``tune``'s best trial: ``trained`` holds its
+    ``run_id`` and ``run_name``), outputs by stage name. Not recorded for resuming: the sweep is the unit."""
+    wf = Workflow(cfg, name)
+    upstream: dict[str, dict] = {"train": trained}
+    for stage in STAGES[[s.name for s in STAGES].index("train") + 1:]:
+        upstream[stage.name] = stage.run(cfg, upstream, wf)
     return upstream
 
 

@@ -20,10 +20,6 @@ from typing import Iterable, Optional
 from pipelines.errors import TrackingUnavailable
 from pipelines.secrets import redact_text, redact_uri  # noqa: F401 - redact_uri re-exported for the stages
 
-# Keys logged every log step; the first one tells how far a run's committed history goes.
-PROGRESS_METRIC = "g_loss"
-
-
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail in seconds, before any compute, when the tracking server cannot be reached."""
     if not uri.startswith(("http://", "https://")):
@@ -81,15 +77,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("gan-pipeline")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 _SECRET_MARKERS = ("password", "secret", "token", "key_id", "access_key", "credential")
 
 
@@ -122,6 +109,8 @@ def log_params(mlflow_client, run_id: str, params: dict) -> None:
 
 def committed_step(mlflow_client, run_id: str) -> int:
     """The last step whose metrics MLflow holds (-1 when none)."""
+    from pipelines.training_metrics import PROGRESS_METRIC
+
     history = mlflow_client.get_metric_history(run_id, PROGRESS_METRIC)
     return max((m.step for m in history), default=-1)
 

@@ -1,23 +1,22 @@
-"""The ``train`` stage: a Ray Train ``TorchTrainer`` over ``pipelines.loop``, one MLflow run, resumable.
-
-``fit`` is the one way training is launched: ``train``, ``run`` and each ``tune`` trial call it.
+"""The ``train`` stage: one MLflow run, trained by ``pipelines.launch`` (a Ray Train ``TorchTrainer`` over
+``pipelines.loop``), resumable by run name.
 """
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
-from pipelines import checkpoints, tracking
+from pipelines import checkpoints, package_version, tags, tracking
 from pipelines.cluster import ray_session
 from pipelines.config import PipelineConfig, config_from_dict
-from pipelines.errors import TrainingDiverged, UserError
-from pipelines.loop import DIVERGED_TAG, train_loop_per_worker
-
-RUN_RECORD = "gan-pipeline-run.json"
+from pipelines.errors import UserError
+from pipelines.files import atomic_write
+from pipelines.job import absolute_tracking_uri
+from pipelines.launch import build_trainer, check_storage, finish_run, fit, make_job, storage_root
+from pipelines.prepare import ensure_dataset
 
 
 @dataclass
@@ -31,49 +30,6 @@ class TrainResult:
     manifest_hash: str
 
 
-def storage_root(cfg: PipelineConfig) -> str:
-    """Checkpoints go here: a local path (made absolute; Ray needs it) or a cloud/NFS URI, kept as given."""
-    path = cfg.train.storage_path or os.path.join(cfg.runs_dir, "checkpoints")
-    return path if "://" in path else str(Path(path).resolve())
-
-
-def check_storage(path: str) -> None:
-    """A local checkpoint location must be a writable directory: said now, in a second, not by a Ray worker
-    after startup and the first checkpoint's steps. Cloud URIs are checked by Ray at the first checkpoint."""
-    if "://" in path:
-        return
-    import tempfile
-
-    from pipelines import safety
-
-    safety.check_storage_folder(path)
-    try:
-        safety.claim_folder(path)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".gan-pipeline-write-probe-"):
-            pass
-    except OSError as exc:
-        raise UserError(f"checkpoint storage {path} is not a writable directory ({exc.strerror or exc}); pass "
-                        f"--storage-path a directory you can write to (or fix its permissions / free space). "
-                        f"Nothing was trained.") from None
-
-
-def ensure_dataset(cfg: PipelineConfig):
-    """The prepared dataset named by ``data.path``, else the configured dataset prepared now (a no-op when
-    it exists with the same inputs)."""
-    from pipelines.data.reader import load_manifest
-    from pipelines.prepare import prepare_dataset
-
-    if cfg.data.path:
-        manifest = load_manifest(cfg.data.path)
-        return _absolute(cfg.data.path), manifest
-    prepared = prepare_dataset(cfg.data, runs_dir=cfg.runs_dir)
-    return _absolute(prepared.path), prepared.manifest
-
-
-def _absolute(path: str) -> str:
-    return path if "://" in path else str(Path(path).resolve())
-
-
 def _record_path(cfg: PipelineConfig, run_name: str) -> Path:
     from pipelines.safety import check_name
 
@@ -84,9 +40,7 @@ def _record_path(cfg: PipelineConfig, run_name: str) -> Path:
 def _write_record(cfg: PipelineConfig, record: dict) -> None:
     path = _record_path(cfg, record["run_name"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(record, indent=2))
 
 
 def load_record(cfg: PipelineConfig, run: str) -> dict:
@@ -105,66 +59,16 @@ def load_record(cfg: PipelineConfig, run: str) -> dict:
                     f"Pass the run name printed at the start of training (and the same --runs-dir).")
 
 
-def build_trainer(cfg: PipelineConfig, *, run_name: str, run_id: str, data_path: str, tracking_uri: str,
-                  callbacks: Sequence = (), report_hook: Optional[Callable] = None, storage: Optional[str] = None,
-                  extra_loop_config: Optional[dict] = None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    t = cfg.train
-    resources = {"CPU": t.threads_per_worker or 1}
-    if t.gpu:
-        resources["GPU"] = 1
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": tracking.redact_config(cfg.model_dump(mode="json")), "data_path": data_path, "run_id": run_id,
-                           "tracking_uri": tracking_uri, "threads": t.threads_per_worker,
-                           "report_hook": report_hook, **(extra_loop_config or {})},
-        scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if t.gpu else "gloo"),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage or storage_root(cfg),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            callbacks=list(callbacks),
-        ),
-    )
-
-
-def fit(trainer, mlflow_client, run_id: str):
-    """Run the trainer; a diverged run is an error (the loop stops all ranks and tags the MLflow run)."""
-    from ray.train.v2.api.exceptions import TrainingFailedError
-
-    try:
-        result = trainer.fit()
-    except TrainingFailedError as exc:
-        if "No space left on device" in str(exc) or "[Errno 28]" in str(exc):
-            rc = getattr(trainer, "run_config", None)
-            where = f"{getattr(rc, 'storage_path', '?')}/{getattr(rc, 'name', '?')}"
-            raise UserError(f"training failed: checkpoint storage {where} is full (No space left on device). The "
-                            f"last complete checkpoint there is kept; free space (or lower train.keep_checkpoints) "
-                            f"and continue with gan-pipeline train --resume {getattr(rc, 'name', 'RUN')}") from None
-        raise UserError(f"training failed: {exc}") from exc
-    tag = mlflow_client.get_run(run_id).data.tags.get(DIVERGED_TAG)
-    if tag:
-        raise TrainingDiverged(
-            f"training diverged ({tag}). The last good checkpoint is kept; lower the learning rates "
-            f"(--lr-g/--lr-d) or, for WGAN, the clip value, and train again."
-        )
-    return result
-
-
 def _new_run(cfg: PipelineConfig, mlflow_client, run_name: str, data_path: str, manifest: dict) -> str:
     exp_id = tracking.experiment_id(mlflow_client, cfg.tracking.experiment)
     run = mlflow_client.create_run(exp_id, run_name=run_name, tags={
-        "gan_pipeline.model": cfg.model.name, "gan_pipeline.dataset": manifest["dataset"],
-        "gan_pipeline.stage": "train", "gan_pipeline.run_name": run_name,
+        tags.MODEL: cfg.model.name, tags.DATASET: manifest["dataset"],
+        tags.STAGE: "train", tags.RUN_NAME: run_name,
     })
     run_id = run.info.run_id
     params = cfg.flat()
     params.update({"data.manifest_hash": manifest["manifest_hash"], "data.resolved_path": data_path,
-                   "package_version": tracking.package_version(), "git_commit": tracking.git_commit()})
+                   "package_version": package_version(), "git_commit": tracking.git_commit()})
     tracking.log_params(mlflow_client, run_id, params)
     mlflow_client.log_dict(run_id, tracking.redact_config(cfg.model_dump(mode="json")), "config.json")
     return run_id
@@ -175,7 +79,7 @@ def train_stage(cfg: PipelineConfig, run_name: Optional[str] = None, resume: Opt
     from pipelines import preflight
 
     preflight.check_local_size(cfg)
-    uri = cfg.resolved_tracking_uri
+    uri = absolute_tracking_uri(cfg.resolved_tracking_uri)
     tracking.check_reachable(uri)
     mlflow_client = tracking.client(uri)
     check_storage((load_record(cfg, resume).get("storage") or storage_root(cfg)) if resume else storage_root(cfg))
@@ -228,8 +132,9 @@ def run_training(cfg: PipelineConfig, mlflow_client, uri: str, run_name: str, ru
     try:
         with ray_session(cfg.train.address, cpus_needed=cpus, gpus_needed=workers if cfg.train.gpu else 0,
                          env=tracking.worker_env(uri)):
-            trainer = build_trainer(cfg, run_name=run_name, run_id=run_id, data_path=data_path, tracking_uri=uri,
-                                    extra_loop_config={"resume_from": str(resume_from) if resume_from else None})
+            job = make_job(cfg, data_path=data_path, run_id=run_id, tracking_uri=uri,
+                           resume_from=str(resume_from) if resume_from else None)
+            trainer = build_trainer(cfg, job, run_name=run_name)
             with _system_metrics(run_id):
                 result = fit(trainer, mlflow_client, run_id)
         status = "FINISHED"
@@ -271,19 +176,3 @@ class _system_metrics:
         if self.monitor is not None:
             self.monitor.finish()
         return False
-
-
-def finish_run(mlflow_client, run_id: str, ckpt: Path, checkpoint_uri: str, storage: str, run_name: str) -> None:
-    """Generator weights + config as run artifacts (what evaluate/register read), a loss-curve figure,
-    where the checkpoints are, and the run marked finished."""
-    for name in (checkpoints.GENERATOR_FILE, checkpoints.CONFIG_FILE):
-        mlflow_client.log_artifact(run_id, str(ckpt / name), artifact_path="generator")
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        curve = Path(tmp) / "loss_curves.png"
-        curve.write_bytes(tracking.loss_curve_png(mlflow_client, run_id))
-        mlflow_client.log_artifact(run_id, str(curve))
-    mlflow_client.set_tag(run_id, "gan_pipeline.checkpoint_dir", checkpoint_uri)
-    mlflow_client.set_tag(run_id, "gan_pipeline.storage", f"{storage}/{run_name}")
-    mlflow_client.set_terminated(run_id, status="FINISHED")

@@ -1,13 +1,15 @@
 """``gan-pipeline tune``: Ray Tune over the one training loop.
 
 Each trial is a Tune *function* trainable that builds and fits the same ``TorchTrainer`` as ``train``
-(``pipelines.train.build_trainer``); ``TuneReportCallback`` forwards what the workers report at each checkpoint,
-including the cheap domain Fréchet distance, so ASHA can stop bad trials early. MLflow: one parent run for the
-sweep, one child run per trial; the best trial is evaluated in full and registered as ``candidate``.
+(``pipelines.launch``); ``TuneReportCallback`` forwards what the workers report at each checkpoint, including the
+cheap domain Fréchet distance (the ``DomainFDReporter`` loop hook), so ASHA can stop bad trials early. MLflow: one
+parent run for the sweep, one child run per trial; the best trial goes on through ``run``'s evaluate and register
+stages (registered as ``candidate``).
 """
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import os
@@ -15,9 +17,12 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from pipelines import tracking
+from pipelines import tags, tracking
 from pipelines.config import ConfigError, PipelineConfig, config_from_dict, read_yaml
 from pipelines.errors import UserError
+from pipelines.files import absolute_path
+from pipelines.hooks import Hook
+from pipelines.job import absolute_config, absolute_tracking_uri
 
 # Default search spaces per family: (section.key) -> distribution spec. Specs are plain data so that a YAML
 # file can replace them: {"loguniform": [lo, hi]}, {"uniform": [lo, hi]}, {"randint": [lo, hi_inclusive]},
@@ -76,31 +81,41 @@ def apply_trial(cfg: PipelineConfig, values: dict[str, Any]) -> PipelineConfig:
     return config_from_dict(dump)
 
 
-def cheap_domain_fd(step: int, gan, loop_config: dict) -> dict[str, float]:
-    """Rank 0, at each checkpoint of a trial: domain Fréchet distance on a few samples (``tune.report_samples``)."""
-    import torch
+class DomainFDReporter(Hook):
+    """Rank 0, at each checkpoint of a trial: the domain Fréchet distance of ``samples`` generated images against
+    real held-out features cached for the sweep, reported to Tune (not logged)."""
 
-    from gan_models.sampling import generate, to_uint8
-    from pipelines.metrics.classifier import load_classifier
-    from pipelines.metrics.distances import frechet_distance_from_features
+    def __init__(self, reference: dict, samples: int):
+        self.reference, self.samples = reference, samples
 
-    cache = loop_config["tune_cache"]
-    state = _TRIAL_CACHE.get(cache["weights"])
-    if state is None:
-        classifier = load_classifier(Path(cache["weights"]), Path(cache["sidecar"]))
-        real = torch.load(cache["real_features"], weights_only=True)
-        state = _TRIAL_CACHE[cache["weights"]] = (classifier, real)
-    classifier, real = state
-    n = loop_config["tune_samples"]
-    gen = torch.Generator().manual_seed(0)
-    z = torch.randn(n, gan.spec.nz, generator=gen).to(gan.device)
-    labels = (torch.arange(n) % gan.spec.num_classes).to(gan.device) if gan.spec.conditional else None
-    fake = to_uint8(generate(gan.generator, z, labels))
-    fd = frechet_distance_from_features(classifier.features(fake).numpy(), real.numpy())
-    return {"domain_fd": fd if math.isfinite(fd) else 1e9}
+    def report_metrics(self, loop) -> dict[str, float]:
+        if not loop.is_chief:
+            return {}
+        from gan_models.sampling import evaluation_inputs, generate, to_uint8
+        from pipelines.metrics.distances import frechet_distance_from_features
+
+        classifier, real = _reference_cache(self.reference)
+        gan, n = loop.gan, self.samples
+        z, labels = evaluation_inputs(gan.spec.nz, n, seed=0, num_classes=gan.spec.num_classes if gan.spec.conditional else None)
+        fake = to_uint8(generate(gan.generator, z.to(gan.device), labels.to(gan.device) if labels is not None else None))
+        fd = frechet_distance_from_features(classifier.features(fake).numpy(), real.numpy())
+        return {"domain_fd": fd if math.isfinite(fd) else 1e9}
 
 
 _TRIAL_CACHE: dict[str, Any] = {}
+
+
+def _reference_cache(reference: dict):
+    """The classifier and real features, loaded once per worker process."""
+    import torch
+
+    from pipelines.metrics.classifier import load_classifier
+
+    if reference["weights"] not in _TRIAL_CACHE:
+        classifier = load_classifier(Path(reference["weights"]), Path(reference["sidecar"]))
+        real = torch.load(reference["real_features"], weights_only=True)
+        _TRIAL_CACHE[reference["weights"]] = (classifier, real)
+    return _TRIAL_CACHE[reference["weights"]]
 
 
 def _prepare_reference(cfg: PipelineConfig, data_path: str, manifest: dict) -> dict:
@@ -115,7 +130,9 @@ def _prepare_reference(cfg: PipelineConfig, data_path: str, manifest: dict) -> d
     features = classifier.features(torch.from_numpy(images))
     target = Path(paths[0]).with_name(f"real-features-{manifest['manifest_hash'][:16]}-{len(images)}.pt")
     torch.save(features.cpu(), target)
-    return {"weights": str(paths[0]), "sidecar": str(paths[1]), "real_features": str(target)}
+    # read by every trial's rank 0 in its own working directory
+    return {"weights": absolute_path(str(paths[0])), "sidecar": absolute_path(str(paths[1])),
+            "real_features": absolute_path(str(target))}
 
 
 def tune_stage(cfg: PipelineConfig, space_file: Optional[str] = None) -> dict:
@@ -126,19 +143,21 @@ def tune_stage(cfg: PipelineConfig, space_file: Optional[str] = None) -> dict:
 
 
 def _tune_stage(cfg: PipelineConfig, space_file: Optional[str], created) -> dict:
-    import mlflow
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from pipelines import preflight
     from pipelines.cluster import ray_session
-    from pipelines.train import build_trainer, check_storage, ensure_dataset, finish_run, fit, storage_root
+    from pipelines.launch import build_trainer, check_storage, finish_run, fit, make_job, storage_root
+    from pipelines.prepare import ensure_dataset
 
     per_trial = cfg.tune.workers_per_trial
     concurrent = min(cfg.tune.max_concurrent or max(1, (os.cpu_count() or 1) // per_trial), cfg.tune.samples)
     preflight.check_local_size(cfg, concurrent * per_trial, "--max-concurrent x --workers-per-trial")
-    uri = cfg.resolved_tracking_uri
+    # trials run in Ray actors with their own working directories: every path is fixed here, in the driver
+    cfg = config_from_dict(absolute_config(cfg.model_dump(mode="json")))
+    uri = absolute_tracking_uri(cfg.resolved_tracking_uri)
     tracking.check_reachable(uri)
     check_storage(storage_root(cfg))
     space = search_space(cfg, space_file)
@@ -147,8 +166,8 @@ def _tune_stage(cfg: PipelineConfig, space_file: Optional[str], created) -> dict
     mlflow_client = tracking.client(uri)
     sweep = f"tune-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp_id = tracking.experiment_id(mlflow_client, cfg.tracking.experiment)
-    parent = mlflow_client.create_run(exp_id, run_name=sweep, tags={"gan_pipeline.stage": "tune",
-                                                                    "gan_pipeline.model": cfg.model.name})
+    parent = mlflow_client.create_run(exp_id, run_name=sweep, tags={tags.STAGE: "tune",
+                                                                    tags.MODEL: cfg.model.name})
     parent_id = parent.info.run_id
     created(mlflow_client, parent_id)
     tracking.log_params(mlflow_client, parent_id, {**cfg.flat(), "data.manifest_hash": manifest["manifest_hash"],
@@ -167,14 +186,14 @@ def _tune_stage(cfg: PipelineConfig, space_file: Optional[str], created) -> dict
         name = f"{sweep}-{context.get_trial_id()}"
         client = tracking.client(uri)
         child = client.create_run(exp_id, run_name=name, tags={"mlflow.parentRunId": parent_id,
-                                                               "gan_pipeline.stage": "tune-trial",
-                                                               "gan_pipeline.model": trial_cfg.model.name,
-                                                               "gan_pipeline.run_name": name})
+                                                               tags.STAGE: "tune-trial",
+                                                               tags.MODEL: trial_cfg.model.name,
+                                                               tags.RUN_NAME: name})
         tracking.log_params(client, child.info.run_id, {**trial_cfg.flat(), "data.manifest_hash": manifest["manifest_hash"]})
-        trainer = build_trainer(trial_cfg, run_name=name, run_id=child.info.run_id, data_path=data_path,
-                                tracking_uri=uri, callbacks=[TuneReportCallback()], report_hook=cheap_domain_fd,
-                                storage=f"{storage}/{sweep}", extra_loop_config={"tune_cache": reference,
-                                                                                 "tune_samples": cfg.tune.report_samples})
+        job = make_job(trial_cfg, data_path=data_path, run_id=child.info.run_id, tracking_uri=uri,
+                       hook_factories=[functools.partial(DomainFDReporter, reference, cfg.tune.report_samples)])
+        trainer = build_trainer(trial_cfg, job, run_name=name, callbacks=[TuneReportCallback()],
+                                storage=f"{storage}/{sweep}")
         result = fit(trainer, client, child.info.run_id)
         with result.checkpoint.as_directory() as local:
             finish_run(client, child.info.run_id, Path(local), result.checkpoint.path, f"{storage}/{sweep}", name)
@@ -212,7 +231,7 @@ def _conclude(cfg, results, space, mlflow_client, parent_id, sweep, seconds) -> 
     exp_id = mlflow_client.get_run(parent_id).info.experiment_id
     for child in mlflow_client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"):
         if child.info.status == "RUNNING":  # its trial was stopped by the scheduler (or failed) mid-training
-            mlflow_client.set_tag(child.info.run_id, "gan_pipeline.stopped_early", "true")
+            mlflow_client.set_tag(child.info.run_id, tags.STOPPED_EARLY, "true")
             mlflow_client.set_terminated(child.info.run_id, status="KILLED")
     rows = []
     for result in results:
@@ -238,7 +257,7 @@ def _conclude(cfg, results, space, mlflow_client, parent_id, sweep, seconds) -> 
         raise UserError(f"no trial reported {cfg.tune.metric}: {exc}") from None
     best_run = mlflow_client.search_runs(
         [mlflow_client.get_run(parent_id).info.experiment_id],
-        filter_string=f"tags.gan_pipeline.run_name = '{sweep}-{best.metrics['trial_id']}'")
+        filter_string=f"tags.`{tags.RUN_NAME}` = '{sweep}-{best.metrics['trial_id']}'")
     if not best_run:
         raise UserError("could not find the MLflow run of the best trial")
     best_run_id = best_run[0].info.run_id
@@ -248,17 +267,16 @@ def _conclude(cfg, results, space, mlflow_client, parent_id, sweep, seconds) -> 
         # checkpoint that report came with (TuneReportCallback passes its path)
         from ray.train import Checkpoint
 
-        from pipelines.train import finish_run
+        from pipelines.launch import finish_run
 
         with Checkpoint(checkpoint_path).as_directory() as local:
             finish_run(mlflow_client, best_run_id, Path(local), checkpoint_path, str(Path(checkpoint_path).parent),
-                       best_run[0].data.tags.get("gan_pipeline.run_name", ""))
-    from pipelines.evaluate import evaluate_stage
-    from pipelines.register import register_stage
+                       best_run[0].data.tags.get(tags.RUN_NAME, ""))
+    from pipelines.run import run_after_training
 
-    metrics = evaluate_stage(cfg, run_id=best_run_id)
-    registered = register_stage(cfg, run_id=best_run_id)
-    mlflow_client.set_tag(parent_id, "gan_pipeline.best_run_id", best_run_id)
+    outputs = run_after_training(cfg, sweep, {"run_id": best_run_id, "run_name": f"{sweep}-{best.metrics['trial_id']}"})
+    metrics, registered = outputs["evaluate"]["metrics"], outputs["register"]
+    mlflow_client.set_tag(parent_id, tags.BEST_RUN_ID, best_run_id)
     mlflow_client.log_metric(parent_id, f"best_{cfg.tune.metric}", float(best.metrics[cfg.tune.metric]))
     mlflow_client.set_terminated(parent_id, status="FINISHED")
     stopped = sum(1 for r in rows if r["iterations"] is not None and r["iterations"] < max(

@@ -1,4 +1,5 @@
-"""Shared fixtures. ``mlflow_server``: one real MLflow tracking server (SQLite + local artifacts) per session."""
+"""Shared fixtures. ``mlflow_server``: one real MLflow tracking server (SQLite + local artifacts) per session;
+``small_mnist``: the first 2,000 MNIST training images, prepared once per session."""
 from __future__ import annotations
 
 import os
@@ -100,3 +101,13 @@ def mlflow_server(tmp_path_factory) -> str:
     finally:
         stop_process(proc)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def small_mnist(tmp_path_factory) -> str:
+    """Path of a prepared dataset of the first 2,000 MNIST training images (and the held-out split)."""
+    from pipelines.config import DataConfig
+    from pipelines.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("data") / "mnist-small"
+    return prepare_dataset(DataConfig(dataset="mnist", limit=2000), out=str(out)).path

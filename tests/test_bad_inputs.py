@@ -157,11 +157,10 @@ def _record(w: Path, name: str) -> str:
 def _checkpoint(w: Path, generator_bytes) -> str:
     """A checkpoint dir with a valid config.json and a broken (or no) generator.pt."""
     from pipelines.config import PipelineConfig
-    from pipelines.loop import gan_spec
 
     d = w / "ckpt"
     d.mkdir(exist_ok=True)
-    spec = gan_spec(PipelineConfig(), 28, 1, 10)
+    spec = PipelineConfig().gan_spec(28, 1, 10)
     (d / "config.json").write_text(json.dumps({"gan_spec": asdict(spec), "data_path": "x", "manifest_hash": "y"}))
     if generator_bytes is not None:
         (d / "generator.pt").write_bytes(generator_bytes)

@@ -19,7 +19,6 @@ from pipelines.metrics import (
     compute_cheap_metrics,
     compute_metrics,
     frechet_distance_from_features,
-    is_better,
     kernel_distance,
     load_or_train_classifier,
     manifold_metrics,
@@ -234,7 +233,6 @@ def test_compute_metrics_guards(mnist, clf):
 def test_directions():
     assert metric_direction("domain_fd") == "min" and metric_direction("recall") == "max"
     assert metric_direction("domain_fd_class_3") == "min" and metric_direction("num_real") is None
-    assert is_better("domain_fd", 1.0, 2.0) and is_better("coverage", 0.9, 0.5)
     assert {"domain_fd", "domain_kid", "precision_recall", "density_coverage", "classifier_score", "class_kl",
             "label_accuracy", "per_class_fd", "inception_fd", "inception_kid"} <= set(METRICS)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gan_models import GANSpec, build_gan, train_step
-from gan_models.performance import Prefetcher, apply_options, check_precision
+from gan_models.performance import Prefetcher, apply_options
 
 
 def batches(batch: int, channels: int, resolution: int, seed: int = 0, classes: int = 10):
@@ -80,9 +80,7 @@ def test_weight_clipping_holds_under_bf16():
 def test_fp16_refused_on_cpu_with_a_clear_message():
     with pytest.raises(ValueError, match="bf16"):
         build_gan(small(precision="fp16"), device="cpu")
-    with pytest.raises(ValueError, match="GPU"):
-        check_precision("fp16", "cpu")
-    check_precision("bf16", "cpu")
+    build_gan(small(precision="bf16"), device="cpu")
 
 
 def test_fp16_refused_on_cpu_at_configuration_time():

@@ -80,7 +80,8 @@ def workdir(tmp_path_factory) -> Path:
 def flow(mlflow_server, workdir):
     """A conditional model with three versions: v1 (fd 10) champion, v2 (fd 20) refused, v3 (fd 5) promoted;
     the test below checks each step. Returns the facts later tests need."""
-    from pipelines.register import promote_stage, register_stage
+    from pipelines.promote import promote_stage
+    from pipelines.register import register_stage
 
     name = f"test-cgan-{uuid.uuid4().hex[:6]}"
     cfg = cfg_for(mlflow_server, name)
@@ -137,7 +138,7 @@ def test_register_alias_and_guarded_promotion(flow):
 
 def test_force_overrides_the_guard(flow, mlflow_server):
     from mlflow.tracking import MlflowClient
-    from pipelines.register import promote_stage
+    from pipelines.promote import promote_stage
 
     cfg, name = flow["cfg"], flow["name"]
     with pytest.raises(UserError, match="worse"):
@@ -264,7 +265,8 @@ def test_cli_models_list_and_show(flow):
 
 # ---------------------------------------------------------------- what a user can get wrong
 def test_unknown_model_name(flow):
-    from pipelines.register import models_show_stage, promote_stage
+    from pipelines.models import models_show_stage
+    from pipelines.promote import promote_stage
 
     with pytest.raises(UserError, match="no registered model named 'no-such-model'") as err:
         promote_stage(flow["cfg"], "no-such-model")
@@ -274,7 +276,7 @@ def test_unknown_model_name(flow):
 
 
 def test_unknown_alias(flow):
-    from pipelines.register import promote_stage
+    from pipelines.promote import promote_stage
 
     with pytest.raises(UserError, match="no alias 'nightly'") as err:
         promote_stage(flow["cfg"], flow["name"], from_alias="nightly")
@@ -282,7 +284,7 @@ def test_unknown_alias(flow):
 
 
 def test_unknown_version(flow):
-    from pipelines.register import promote_stage
+    from pipelines.promote import promote_stage
 
     with pytest.raises(UserError, match="no version '99'") as err:
         promote_stage(flow["cfg"], flow["name"], version="99")
@@ -290,7 +292,7 @@ def test_unknown_version(flow):
 
 
 def test_unknown_metric(flow):
-    from pipelines.register import promote_stage
+    from pipelines.promote import promote_stage
 
     with pytest.raises(UserError, match="no better/worse direction"):
         promote_stage(flow["cfg"], flow["name"], metric="g_loss_typo")

@@ -17,8 +17,6 @@ import pytest
 import torch
 
 from pipelines.checkpoints import safe_load
-from pipelines.config import DataConfig
-from pipelines.prepare import prepare_dataset
 from tests.conftest import free_port, stop_process, wait_http
 
 pytestmark = pytest.mark.integration
@@ -29,12 +27,6 @@ SMALL = ["--batch-size", "16", "--ngf", "16", "--ndf", "16", "--nz", "32", "--lo
 # or the console.
 SECRETS = {"MLFLOW_TRACKING_PASSWORD": "pw-SECRET-4c1d", "AWS_ACCESS_KEY_ID": "AKIA-SECRET-77aa",
            "AWS_SECRET_ACCESS_KEY": "aws-SECRET-91be"}
-
-
-@pytest.fixture(scope="session")
-def rel_mnist(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("rel-data") / "mnist-small"
-    return prepare_dataset(DataConfig(dataset="mnist", limit=2000), out=str(out)).path
 
 
 def start_mlflow(root: Path, port: int) -> subprocess.Popen:
@@ -82,7 +74,7 @@ RESTART_ARGS = ["--model", "dcgan", "--workers", "1", "--max-steps", "40", *SMAL
 
 
 @pytest.fixture(scope="session")
-def restart_run(rel_mnist, tmp_path_factory):
+def restart_run(small_mnist, tmp_path_factory):
     """A 40-step run during which its MLflow server is stopped and restarted (same port, same SQLite file).
     Session-scoped: tests/test_security.py reads its params and output, test_determinism compares its weights.
     (Imported there, pytest makes a second fixture of it; the cache makes both the same single run.)"""
@@ -94,7 +86,7 @@ def restart_run(rel_mnist, tmp_path_factory):
     uri = f"http://127.0.0.1:{port}"
     server = start_mlflow(root, port)
     runs = root / "runs"
-    proc = subprocess.Popen(train_cmd(runs, "--data", rel_mnist, "--run-name", "restart", *RESTART_ARGS),
+    proc = subprocess.Popen(train_cmd(runs, "--data", small_mnist, "--run-name", "restart", *RESTART_ARGS),
                             env=env_for(uri, **SECRETS), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     out_lines: list[str] = []
@@ -157,19 +149,19 @@ def test_tracking_server_restart_mid_run_loses_nothing(restart_run):
     print(f"[measured] g_loss history after the restart: 20/20 steps (2..40), 0 duplicates, 0 'lost' warnings")
 
 
-def test_determinism_same_seed_bit_identical_weights(restart_run, rel_mnist, tmp_path):
+def test_determinism_same_seed_bit_identical_weights(restart_run, small_mnist, tmp_path):
     """Same seed and config, CPU: a second 1-worker run gives bit-identical generator weights (the server
     restart in the first run does not matter: metrics never feed back into training). Two 2-worker runs are
     compared with each other; the three runs go at once to save wall time."""
     uri = restart_run["uri"]
     procs = {
-        "again-1w": subprocess.Popen(train_cmd(tmp_path / "a", "--data", rel_mnist, "--run-name", "again-1w",
+        "again-1w": subprocess.Popen(train_cmd(tmp_path / "a", "--data", small_mnist, "--run-name", "again-1w",
                                                *RESTART_ARGS), env=env_for(uri), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True),
     }
     two = ["--model", "dcgan", "--workers", "2", "--max-steps", "12", *SMALL]
     for name in ("twice-2w-a", "twice-2w-b"):
-        procs[name] = subprocess.Popen(train_cmd(tmp_path / name, "--data", rel_mnist, "--run-name", name, *two),
+        procs[name] = subprocess.Popen(train_cmd(tmp_path / name, "--data", small_mnist, "--run-name", name, *two),
                                        env=env_for(uri), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                        start_new_session=True)
     outputs = {name: p.communicate(timeout=600)[0] for name, p in procs.items()}
@@ -226,12 +218,12 @@ def test_read_only_storage_is_refused_before_training(tmpfs, tmp_path, mlflow_se
     assert "Traceback" not in result.stderr and seconds < 60
 
 
-def test_storage_full_after_first_checkpoint_keeps_it_intact(tmpfs, rel_mnist, tmp_path, mlflow_server):
+def test_storage_full_after_first_checkpoint_keeps_it_intact(tmpfs, small_mnist, tmp_path, mlflow_server):
     """A 2 MiB tmpfs holds one checkpoint (~1.2 MB); the second one hits ENOSPC. The run fails with a clear
     message, checkpoint 4 stays complete and loadable, and MLflow holds exactly the steps it covers."""
     full = tmpfs("full", "2m")
     start = time.monotonic()
-    result = subprocess.run(train_cmd(tmp_path / "runs", "--data", rel_mnist, "--storage-path", str(full),
+    result = subprocess.run(train_cmd(tmp_path / "runs", "--data", small_mnist, "--storage-path", str(full),
                                       "--run-name", "full-disk", "--model", "dcgan", "--max-steps", "12", *SMALL),
                             env=env_for(mlflow_server), capture_output=True, text=True, timeout=600)
     seconds = time.monotonic() - start
@@ -253,7 +245,7 @@ def test_storage_full_after_first_checkpoint_keeps_it_intact(tmpfs, rel_mnist, t
 
 
 @pytest.mark.timeout(1000)
-def test_eight_tune_trials_log_concurrently_to_one_server(rel_mnist, tmp_path, mlflow_server):
+def test_eight_tune_trials_log_concurrently_to_one_server(small_mnist, tmp_path, mlflow_server):
     """``tune --samples 8 --max-concurrent 8``: every child run has every metric step, none twice."""
     config = tmp_path / "tune.yaml"
     config.write_text("tune:\n  report_samples: 100\neval:\n  num_samples: 200\n  kid_subset_size: 50\n"
@@ -262,7 +254,7 @@ def test_eight_tune_trials_log_concurrently_to_one_server(rel_mnist, tmp_path, m
     result = subprocess.run([EXE, "tune", "--model", "dcgan", "--config", str(config), "--samples", "8",
                              "--max-concurrent", "8", "--workers-per-trial", "1", "--max-steps", "4",
                              "--checkpoint-every", "2", "--log-every", "1", "--sample-every", "4", "--scheduler", "fifo",
-                             "--batch-size", "16", "--ngf", "16", "--ndf", "16", "--nz", "32", "--data", rel_mnist,
+                             "--batch-size", "16", "--ngf", "16", "--ndf", "16", "--nz", "32", "--data", small_mnist,
                              "--runs-dir", str(tmp_path / "runs"), "--name", "tune-eight"],
                             env=env_for(mlflow_server), capture_output=True, text=True, timeout=900)
     seconds = time.monotonic() - start

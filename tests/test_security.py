@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from pipelines import tracking
 from pipelines.cli import cli
 from pipelines.config import PipelineConfig, build_config
-from tests.test_reliability import EXE, SECRETS, env_for, rel_mnist, restart_run  # noqa: F401 (session fixtures)
+from tests.test_reliability import EXE, SECRETS, env_for, restart_run  # noqa: F401 (a session fixture)
 
 
 class Payload:
@@ -43,13 +43,11 @@ def test_payload_is_live_when_unpickled(tmp_path):
 
 
 def test_evaluate_checkpoint_refuses_planted_generator(tmp_path, monkeypatch):
-    from pipelines.loop import gan_spec
-
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    (ckpt / "config.json").write_text(json.dumps({"gan_spec": asdict(gan_spec(PipelineConfig(), 28, 1, 10))}))
+    (ckpt / "config.json").write_text(json.dumps({"gan_spec": asdict(PipelineConfig().gan_spec(28, 1, 10))}))
     marker = tmp_path / "pwned-evaluate"
     plant(ckpt / "generator.pt", marker)
     result = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(ckpt)])

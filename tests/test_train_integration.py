@@ -13,20 +13,12 @@ from pathlib import Path
 import pytest
 
 from pipelines.checkpoints import safe_load
-from pipelines.config import DataConfig
-from pipelines.prepare import prepare_dataset
 from tests.conftest import free_port, kill_driver_after_checkpoint
 
 pytestmark = pytest.mark.integration
 EXE = str(Path(sys.executable).parent / "gan-pipeline")
 SMALL = ["--batch-size", "16", "--ngf", "16", "--ndf", "16", "--nz", "32", "--log-every", "2",
          "--checkpoint-every", "4", "--sample-every", "4"]
-
-
-@pytest.fixture(scope="module")
-def small_mnist(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("data") / "mnist-small"
-    return prepare_dataset(DataConfig(dataset="mnist", limit=2000), out=str(out)).path
 
 
 def _train(args, tmp_path, mlflow_server, env_extra=None, timeout=300, wait=True):
@@ -143,3 +135,18 @@ def test_unreachable_tracking_server_fails_fast_before_training(tmp_path):
     assert f"MLflow tracking server {uri} is unreachable" in result.stderr
     assert time.monotonic() - start < 30
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "data").exists()
+
+
+def test_train_with_default_paths_from_a_fresh_working_directory(small_mnist, tmp_path):
+    """No --runs-dir, a relative --data and the default SQLite store: every path is relative to a working
+    directory that Ray workers do not share; the driver resolves them before they cross to a worker."""
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    result = subprocess.run([EXE, "train", "--data", os.path.relpath(small_mnist, work), "--max-steps", "4",
+                             "--run-name", "relative", *SMALL], cwd=work, env={**env, "PYTHONUNBUFFERED": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (work / "gan-runs" / "checkpoints" / "relative" / "checkpoint_00000004" / "generator.pt").is_file()
+    client = _client(f"sqlite:///{work / 'mlflow.db'}")
+    assert _steps(client, _run_by_name(client, "relative").info.run_id) == [2, 4]

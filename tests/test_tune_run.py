@@ -13,18 +13,10 @@ import pytest
 
 from tests.conftest import kill_driver_after_checkpoint
 
-from pipelines.config import DataConfig
-from pipelines.prepare import prepare_dataset
 
 pytestmark = pytest.mark.integration
 EXE = str(Path(sys.executable).parent / "gan-pipeline")
 TINY = ["--batch-size", "16", "--ngf", "16", "--nz", "32", "--log-every", "2", "--sample-every", "4"]
-
-
-@pytest.fixture(scope="module")
-def small_mnist(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("data") / "mnist-small"
-    return prepare_dataset(DataConfig(dataset="mnist", limit=3000), out=str(out)).path
 
 
 def _env(uri):
@@ -110,3 +102,19 @@ def test_run_interrupted_in_train_resumes_instead_of_starting_over(small_mnist, 
     again = subprocess.run(cmd, env=_env(mlflow_server), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
     assert again.stdout.count("done earlier with the same inputs, skipped") == 4
+
+
+def test_tune_with_default_runs_dir_from_a_fresh_working_directory(small_mnist, tmp_path, mlflow_server):
+    """The default relative --runs-dir and a relative --data: trials (Ray actors with their own working
+    directories) read the classifier cache and the dataset by the absolute paths the driver resolved."""
+    work = tmp_path / "work"
+    work.mkdir()
+    config = tmp_path / "tune.yaml"
+    config.write_text("tune:\n  report_samples: 100\n  report_every: 2\neval:\n  num_samples: 200\n"
+                      "  kid_subset_size: 100\n  inception: false\n")
+    result = subprocess.run([EXE, "tune", "--model", "dcgan", "--config", str(config), "--samples", "1",
+                             "--workers-per-trial", "1", "--max-steps", "2", "--data",
+                             os.path.relpath(small_mnist, work), "--experiment", "relative-sweep", *TINY],
+                            cwd=work, env=_env(mlflow_server), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    assert list((work / "gan-runs" / "checkpoints").glob("tune-dcgan-*/*/checkpoint_00000002"))

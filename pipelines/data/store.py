@@ -28,7 +28,6 @@ import re
 import sys
 import time
 import uuid
-from importlib import metadata
 from typing import Any, Optional
 
 import numpy as np
@@ -36,6 +35,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines import package_version
 from pipelines.data import MANIFEST_NAME, SCHEMA_VERSION, DataError
 from pipelines.data.sources import SPLITS, Source
 
@@ -63,13 +63,6 @@ def join(base: str, *parts: str) -> str:
 
 def _exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def package_version() -> str:
-    try:
-        return metadata.version("gan-pipeline")
-    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-        return "0+unknown"
 
 
 def canonical_json(obj: Any) -> bytes:

@@ -14,9 +14,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import pickle
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from gan_models.sampling import from_uint8
+from pipelines.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +39,6 @@ class ClassifierCacheError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------- preprocessing
-def to_uint8(x: Any) -> torch.Tensor:
-    """Generator output in [-1, 1] (float tensor or array) -> uint8 tensor, ``round((x + 1) * 127.5)`` clamped.
-
-    uint8 input is returned unchanged (as a tensor), so real images may go through it too.
-    """
-    t = torch.as_tensor(x)
-    if t.dtype == torch.uint8:
-        return t
-    if not t.is_floating_point():
-        raise TypeError(f"to_uint8 expects floats in [-1, 1] or uint8, got dtype {t.dtype}")
-    t = t.detach().to(torch.float32)
-    return ((t + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-
-
 def as_images(x: Any, name: str = "images") -> torch.Tensor:
     """uint8 N×C×H×W tensor (C 1 or 3) from a tensor or numpy array; N×H×W gains a channel axis.
 
@@ -143,7 +130,7 @@ class DomainClassifier(nn.Module):
         return self.head(self.embed(self.body(x)))
 
     def _prep(self, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return batch.to(device=device, dtype=torch.float32).div_(127.5).sub_(1.0)
+        return from_uint8(batch.to(device))
 
     def _check(self, images: torch.Tensor) -> None:
         if images.shape[1] != self.channels or images.shape[2] != self.resolution or images.shape[3] != self.resolution:
@@ -279,28 +266,14 @@ def cache_paths(cache_dir: str | Path, manifest_hash: str) -> tuple[Path, Path]:
     return d / f"{stem}.pt", d / f"{stem}.json"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_classifier(model: DomainClassifier, weights_path: Path, sidecar_path: Path, extra: Optional[dict] = None) -> None:
     """``state_dict`` via ``torch.save`` (tensors only) + JSON sidecar; each written atomically (temp + replace)."""
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     meta = model.meta() | (extra or {})
     # weights first: a sidecar never points at weights that are not there yet
-    _atomic_write(Path(weights_path), buf.getvalue())
-    _atomic_write(Path(sidecar_path), json.dumps(meta, indent=2, sort_keys=True).encode())
+    atomic_write(Path(weights_path), buf.getvalue())
+    atomic_write(Path(sidecar_path), json.dumps(meta, indent=2, sort_keys=True).encode())
 
 
 def load_classifier(weights_path: Path, sidecar_path: Path) -> DomainClassifier:

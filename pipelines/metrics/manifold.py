@@ -84,11 +84,6 @@ def manifold_metrics(
     }
 
 
-def precision_recall(generated_features: Any, real_features: Any, k: int = 3, chunk: int = 2048) -> tuple[float, float]:
-    m = manifold_metrics(generated_features, real_features, pr_k=k, dc_k=k, chunk=chunk)
-    return m["precision"], m["recall"]
-
-
 def density_coverage(generated_features: Any, real_features: Any, k: int = 5, chunk: int = 2048) -> tuple[float, float]:
     m = manifold_metrics(generated_features, real_features, pr_k=k, dc_k=k, chunk=chunk)
     return m["density"], m["coverage"]

@@ -59,13 +59,6 @@ def metric_direction(name: str) -> Optional[str]:
     return None
 
 
-def is_better(name: str, candidate: float, incumbent: float) -> bool:
-    direction = metric_direction(name)
-    if direction is None:
-        raise ValueError(f"metric {name!r} has no direction; choose one of {sorted(METRIC_DIRECTION)}")
-    return candidate < incumbent if direction == "min" else candidate > incumbent
-
-
 def register_metric(name: str, conditional_only: bool = False, uses_inception: bool = False):
     def deco(fn: MetricFn) -> MetricFn:
         METRICS[name] = fn

@@ -82,10 +82,12 @@ class GeneratorModel(PythonModel):
                 zb = torch.from_numpy(np.ascontiguousarray(z[start:start + BATCH]))
                 lb = None if label is None else torch.from_numpy(np.ascontiguousarray(label[start:start + BATCH]))
                 chunks.append(self.generator(zb, lb).float().clamp_(-1, 1))
-        images = torch.cat(chunks).numpy() if chunks else np.zeros((0,), np.float32)
+        images = torch.cat(chunks) if chunks else torch.zeros((0,))
         if output == "uint8":
-            return np.round((images + 1.0) * 127.5).astype(np.uint8)
-        return images.astype(np.float32, copy=False)
+            from gan_models.sampling import to_uint8
+
+            return to_uint8(images).numpy()
+        return images.numpy().astype(np.float32, copy=False)
 
 
 mlflow.models.set_model(GeneratorModel())

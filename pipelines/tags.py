@@ -1,0 +1,34 @@
+"""MLflow tag names that gan-pipeline sets on runs and model versions: the one place they are spelled.
+
+Stages set them and read them back (``evaluate`` finds the source run, ``tune`` finds its best trial,
+``register`` copies the model and dataset); tests and users filter on them (``tags.gan_pipeline.stage``).
+"""
+from __future__ import annotations
+
+PREFIX = "gan_pipeline."
+
+# on every run the pipeline creates
+STAGE = PREFIX + "stage"            # train | tune | tune-trial | evaluate
+MODEL = PREFIX + "model"            # model family (dcgan, cgan, wgan, wgan-gp); also on model versions
+DATASET = PREFIX + "dataset"        # also on model versions
+RUN_NAME = PREFIX + "run_name"
+
+# training runs: written by the driver when a run finishes, or by the loop
+CHECKPOINT_DIR = PREFIX + "checkpoint_dir"
+STORAGE = PREFIX + "storage"
+DIVERGED = PREFIX + "diverged"
+RESTARTS = PREFIX + "restarts"
+RESUMED_FROM_STEP = PREFIX + "resumed_from_step"
+
+# evaluation runs
+EVALUATES = PREFIX + "evaluates"
+SOURCE_RUN_ID = PREFIX + "source_run_id"
+
+# sweeps
+STOPPED_EARLY = PREFIX + "stopped_early"
+BEST_RUN_ID = PREFIX + "best_run_id"
+
+# registered model versions: what was registered, byte for byte (pipelines.integrity)
+ARTIFACTS_SHA256 = PREFIX + "artifacts_sha256"  # sha256 of the sha256sum-style listing of every file
+ARTIFACT_FILES = PREFIX + "artifact_files"      # that listing, 16 hex digits per file (which file changed)
+WEIGHTS_SHA256 = PREFIX + "weights_sha256"      # the generator weights (evaluate --model-uri scores the run's copy)
