@@ -91,7 +91,7 @@ def check_folder(path: str | os.PathLike, what: str, option: str,
     raise ForeignFolder(
         f"{what} {folder.resolve()} is not empty and was not created by gan-pipeline (it holds "
         f"{_listing(entries)}); nothing in it was touched. Pass {option} a new or empty folder "
-        f"(gan-pipeline never deletes or overwrites what it did not write)")
+        f"(gan-pipeline never deletes or overwrites what it did not write; a folder it made holds a {MARKER} file)")
 
 
 def claim_folder(path: str | os.PathLike) -> Path:
