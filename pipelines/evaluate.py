@@ -8,6 +8,7 @@ generator always gets the same score.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +24,15 @@ from pipelines.errors import UserError
 from pipelines.files import atomic_write
 
 
+# Domain classifiers are keyed by the dataset's manifest hash, so one cache can serve several runs dirs.
+CLASSIFIER_CACHE_ENV = "GAN_PIPELINE_CLASSIFIER_CACHE"
+
+
+def classifier_cache_dir(cfg: PipelineConfig) -> Path:
+    """``$GAN_PIPELINE_CLASSIFIER_CACHE`` when set, else ``<runs_dir>/classifiers``."""
+    return Path(os.environ.get(CLASSIFIER_CACHE_ENV) or Path(cfg.runs_dir) / "classifiers")
+
+
 def domain_classifier(cfg: PipelineConfig, data_path: str, manifest: dict):
     """The dataset's domain classifier, trained once and cached by manifest hash under ``<runs_dir>/classifiers``."""
     from pipelines.data.reader import load_split
@@ -33,7 +43,7 @@ def domain_classifier(cfg: PipelineConfig, data_path: str, manifest: dict):
         kind = "unlabeled" if num_classes == 0 else "labeled with a single class"
         raise UserError(f"the dataset at {data_path} is {kind}; the domain classifier behind the metrics needs "
                         f"two or more classes (prepare an image folder with one subfolder per class)")
-    cache_dir = Path(cfg.runs_dir) / "classifiers"
+    cache_dir = classifier_cache_dir(cfg)
     paths = cache_paths(cache_dir, manifest["manifest_hash"])
     kwargs = {}
     if not all(p.exists() for p in paths):
@@ -155,7 +165,7 @@ def _real_floor(cfg, data_path, manifest, classifier, real_x, real_y, spec, cach
     """Real train vs real held-out, computed once per (dataset, sample count, seed) and cached."""
     from pipelines.data.reader import load_split
 
-    path = Path(cfg.runs_dir) / "classifiers" / f"floor-{manifest['manifest_hash'][:16]}-{cfg.eval.num_samples}-{cfg.eval.seed}.json"
+    path = classifier_cache_dir(cfg) / f"floor-{manifest['manifest_hash'][:16]}-{cfg.eval.num_samples}-{cfg.eval.seed}.json"
     if path.is_file():
         return json.loads(path.read_text())
     train_x, train_y = load_split(data_path, "train", limit=cfg.eval.num_samples, seed=cfg.eval.seed)

@@ -47,8 +47,8 @@ def check_dataset_fits(cfg: PipelineConfig, manifest: dict, data_path: str, need
                        f"train for this dataset instead")
     workers = workers or cfg.train.workers
     train_count = int((manifest.get("counts") or {}).get("train", 0))
-    need = cfg.train.batch_size * workers
-    if train_count < need:
-        raise BadValue(f"{where} has {train_count} training examples: too few for one batch of "
-                       f"{cfg.train.batch_size} on each of {workers} worker(s); lower --batch-size (to at most "
-                       f"{max(train_count // workers, 1)}) or --workers, or prepare more data")
+    per_worker = max(cfg.train.batch_size // max(cfg.train.workers, 1), 1)  # batch_size is the global batch
+    if train_count < per_worker * workers:
+        raise BadValue(f"{where} has {train_count} training examples: too few for one batch of {per_worker} on "
+                       f"each of {workers} worker(s) (global --batch-size {per_worker * workers}); lower --batch-size "
+                       f"(to at most {train_count}), or prepare more data")

@@ -17,6 +17,7 @@ from pipelines.files import atomic_write
 from pipelines.job import absolute_tracking_uri
 from pipelines.launch import build_trainer, check_storage, finish_run, fit, make_job, storage_root
 from pipelines.prepare import ensure_dataset
+from pipelines.scoring import best_checkpoint, prepare_reference
 
 
 @dataclass
@@ -130,10 +131,11 @@ def run_training(cfg: PipelineConfig, mlflow_client, uri: str, run_name: str, ru
     mlflow.set_tracking_uri(uri)
     status = "FAILED"
     try:
+        reference = prepare_reference(cfg, data_path, manifest) if cfg.train.score_checkpoints else None
         with ray_session(cfg.train.address, cpus_needed=cpus, gpus_needed=workers if cfg.train.gpu else 0,
                          env=tracking.worker_env(uri)):
             job = make_job(cfg, data_path=data_path, run_id=run_id, tracking_uri=uri,
-                           resume_from=str(resume_from) if resume_from else None)
+                           resume_from=str(resume_from) if resume_from else None, score_reference=reference)
             trainer = build_trainer(cfg, job, run_name=run_name)
             with _system_metrics(run_id):
                 result = fit(trainer, mlflow_client, run_id)
@@ -145,11 +147,14 @@ def run_training(cfg: PipelineConfig, mlflow_client, uri: str, run_name: str, ru
         if status != "FINISHED":
             mlflow_client.set_terminated(run_id, status=status)
     seconds = time.perf_counter() - start
-    checkpoint_dir = result.checkpoint.path
-    with result.checkpoint.as_directory() as local_dir:  # a local copy where storage is remote
+    best = best_checkpoint(result)
+    checkpoint_dir = best.path
+    with best.as_directory() as local_dir:  # a local copy where storage is remote
         finish_run(mlflow_client, run_id, Path(local_dir), checkpoint_dir, storage_root(cfg), run_name)
+    with result.checkpoint.as_directory() as local_dir:
         steps = checkpoints.safe_load(Path(local_dir) / checkpoints.STATE_FILE)["progress"]["step"]
-    console_print(f"[gan-pipeline] trained {run_name}: {steps} steps in {seconds:.0f}s; MLflow run {run_id}; "
+    chosen = "" if best.path == result.checkpoint.path else f"; best checkpoint: step {checkpoints.checkpoint_step(best.path)}"
+    console_print(f"[gan-pipeline] trained {run_name}: {steps} steps in {seconds:.0f}s{chosen}; MLflow run {run_id}; "
                   f"checkpoints in {Path(checkpoint_dir).parent}")
     return TrainResult(run_name, run_id, checkpoint_dir, int(steps), seconds, data_path, manifest["manifest_hash"])
 

@@ -271,7 +271,7 @@ CASES: list[Case] = [
          ("optim.n_critic", "less than or equal to 100"), _victim, "numbers"),
     Case("workers-10-pow-26", lambda p: ["train", "--workers", str(10 ** 26), "--dry-run"], 2,
          ("train.workers", "less than or equal to 1024"), _victim, "numbers"),
-    Case("workers-beyond-local-machine", lambda p: _train(p, "--workers", "1024"), 2,
+    Case("workers-beyond-local-machine", lambda p: _train(p, "--workers", "1024", "--batch-size", "2048"), 2,
          ("local Ray instance", "lower --workers", "--address"), _victim, "numbers"),
     Case("threads-beyond-local-machine", lambda p: _train(p, "--threads-per-worker", "1000"), 2,
          ("local Ray instance", "--threads-per-worker"), _victim, "numbers"),
@@ -286,7 +286,7 @@ CASES: list[Case] = [
     # -- data the driver can check before Ray starts
     Case("batch-larger-than-train-split", lambda p: _train(p, "--batch-size", "100000"), 2,
          ("too few for one batch", "lower --batch-size"), _victim, "data"),
-    Case("batch-times-workers-larger-than-split", lambda p: _train(p, "--batch-size", "64", "--workers", "4"), 2,
+    Case("batch-times-workers-larger-than-split", lambda p: _train(p, "--batch-size", "256", "--workers", "4"), 2,
          ("too few for one batch of 64 on each of 4 worker(s)",), _victim, "data"),
     Case("conditional-model-unlabeled-data", lambda p: ["train", "--model", "cgan", "--data", p.unlabeled, S, "2"], 2,
          ("is conditional", "unlabeled", "--model dcgan"), _victim, "data"),

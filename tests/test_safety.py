@@ -155,7 +155,9 @@ def test_failed_sweep_marks_its_parent_run_failed(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("the classifier could not be trained")
 
-    monkeypatch.setattr(tune, "_prepare_reference", broken)
+    import pipelines.scoring
+
+    monkeypatch.setattr(pipelines.scoring, "prepare_reference", broken)
     with pytest.raises(RuntimeError):
         tune.tune_stage(cfg)
     client = MlflowClient(tracking_uri=uri)
