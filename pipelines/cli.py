@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 import click
 
 from pipelines.config import ConfigError, PipelineConfig, build_config
+from pipelines.guard import GuardedGroup
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,9 @@ def config_options(*groups: list[Opt], model_choice: bool = True) -> Callable:
                     cfg.runs_dir = runs_dir
             except ConfigError as exc:
                 raise click.UsageError(str(exc)) from None
+            from pipelines.safety import check_runs_dir
+
+            check_runs_dir(cfg.runs_dir)
             return fn(cfg=cfg, **kwargs)
 
         for opt in reversed(opts):
@@ -152,21 +156,22 @@ def _fail_cleanly(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (UserError, ConfigError) as exc:
-            raise click.ClickException(str(exc)) from None
+            error = click.ClickException(str(exc))
+            error.exit_code = getattr(exc, "exit_code", 1)
+            raise error from None
 
     return wrapper
 
 
 def _print_config(cfg: PipelineConfig) -> None:
     click.echo("# resolved configuration (preset <- --config file <- options)")
-    click.echo(cfg.to_yaml(), nl=False)
+    from pipelines.secrets import redact_text
 
-    from pipelines.tracking import redact_uri
+    click.echo(redact_text(cfg.to_yaml()), nl=False)
+    click.echo(f"# tracking URI: {redact_text(cfg.resolved_tracking_uri)}")
 
-    click.echo(f"# tracking URI: {redact_uri(cfg.resolved_tracking_uri)}")
 
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="gan-pipeline")
 def cli() -> None:
     """Distributed GAN training: prepare -> train -> evaluate -> register, on Ray, tracked in MLflow.
@@ -322,6 +327,18 @@ def models_show(cfg: PipelineConfig, name: str) -> None:
     from pipelines.models import models_show_stage
 
     models_show_stage(cfg, name=name)
+
+
+@models.command("verify")
+@click.argument("model_ref", metavar="MODEL")
+@config_options(TRACKING_OPTS, model_choice=False)
+@_fail_cleanly
+def models_verify(cfg: PipelineConfig, model_ref: str) -> None:
+    """Check a registered model's files (NAME@ALIAS or NAME/VERSION) against the sha256 recorded when it was
+    registered; exit 1 if any file was changed, added or removed."""
+    from pipelines.integrity import verify_stage
+
+    verify_stage(cfg, model_ref)
 
 
 def main() -> None:

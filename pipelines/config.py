@@ -38,9 +38,12 @@ DATASETS = ("mnist", "fashion-mnist", "cifar10", "imagefolder")
 class ConfigError(ValueError):
     """A configuration problem, worded for the person who typed it."""
 
+    exit_code = 2  # a bad value or config file (pipelines.guard)
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan are refused everywhere: `lr_g: .inf` or `clip_value: .inf` (clipping silently off) are typos, not settings
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -70,15 +73,17 @@ class ModelConfig(_Strict):
 
 class OptimConfig(_Strict):
     optimizer: Literal["adam", "rmsprop"] = "adam"
-    lr_g: float = Field(2e-4, gt=0)
-    lr_d: float = Field(2e-4, gt=0)
+    lr_g: float = Field(2e-4, gt=0, le=1.0)
+    lr_d: float = Field(2e-4, gt=0, le=1.0)
     beta1: float = Field(0.5, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
-    n_critic: int = Field(1, ge=1, description="critic updates per generator update")
+    # bounds: a generator step runs n_critic critic steps (1,000,000 made one "step" of 1,000 epochs); a clip
+    # bound >= 1 leaves the critic's weights (|w| << 1) unclipped
+    n_critic: int = Field(1, ge=1, le=100, description="critic updates per generator update")
     critic_warmup: bool = Field(False, description="WGAN reference code: 100 critic updates for the first 25 "
                                                    "generator steps and every 500th (gan_models.step)")
-    clip_value: Optional[float] = Field(None, gt=0, description="WGAN weight clipping bound c")
-    gp_weight: float = Field(0.0, ge=0, description="WGAN-GP penalty weight lambda")
+    clip_value: Optional[float] = Field(None, gt=0, lt=1.0, description="WGAN weight clipping bound c")
+    gp_weight: float = Field(0.0, ge=0, le=1000.0, description="WGAN-GP penalty weight lambda")
 
 
 class DataConfig(_Strict):
@@ -107,7 +112,8 @@ class DataConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    workers: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1, le=1024, description="a local instance is bounded further by the machine's "
+                                                       "cores (pipelines.preflight)")
     gpu: bool = False
     address: Optional[str] = Field(None, description="Ray cluster to join: auto, ray://host:10001; none = local")
     time_budget: Optional[float] = Field(
@@ -117,7 +123,7 @@ class TrainConfig(_Strict):
     epochs: Optional[int] = Field(None, ge=1, description="epochs of the train split")
     max_steps: Optional[int] = Field(None, ge=1, description="generator steps; wins over epochs")
     batch_size: int = Field(64, ge=2, description="global batch, split evenly across the workers")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy and torch seeds (0 .. 2**32-1)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 where the CPU or GPU has bf16 units, else fp32")
     ema_half_life: float = Field(10_000, ge=0, description="half-life in images of the moving average of G's "
@@ -174,9 +180,9 @@ class TrackingConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    num_samples: int = Field(10_000, ge=10)
+    num_samples: int = Field(10_000, ge=10, le=1_000_000)
     batch_size: int = Field(500, ge=1)
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, le=2**32 - 1)
     inception: bool = True
     inception_weights: Optional[str] = None
     kid_subset_size: int = Field(1000, ge=2)
@@ -301,13 +307,10 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
 
 
 def read_yaml(path: str | Path) -> dict:
+    from pipelines.safety import load_yaml
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    data = load_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (model:, optim:, ...), got {type(data).__name__}")
     return data

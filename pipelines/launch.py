@@ -26,8 +26,11 @@ def check_storage(path: str) -> None:
     after startup and the first checkpoint's steps. Cloud URIs are checked by Ray at the first checkpoint."""
     if "://" in path:
         return
+    from pipelines import safety
+
+    safety.check_storage_folder(path)
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
+        safety.claim_folder(path)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".gan-pipeline-write-probe-"):
             pass
     except OSError as exc:

@@ -78,15 +78,26 @@ def apply_trial(cfg: PipelineConfig, values: dict[str, Any]) -> PipelineConfig:
 
 
 def tune_stage(cfg: PipelineConfig, space_file: Optional[str] = None) -> dict:
+    from pipelines.runs import failed_on_error
+
+    with failed_on_error() as created:
+        return _tune_stage(cfg, space_file, created)
+
+
+def _tune_stage(cfg: PipelineConfig, space_file: Optional[str], created) -> dict:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from pipelines import preflight
     from pipelines.cluster import ray_session
     from pipelines.launch import build_trainer, check_storage, finish_run, fit, make_job, storage_root
     from pipelines.prepare import ensure_dataset
     from pipelines.scoring import best_checkpoint, prepare_reference
 
+    per_trial = cfg.tune.workers_per_trial
+    concurrent = min(cfg.tune.max_concurrent or max(1, (os.cpu_count() or 1) // per_trial), cfg.tune.samples)
+    preflight.check_local_size(cfg, concurrent * per_trial, "--max-concurrent x --workers-per-trial")
     # trials run in Ray actors with their own working directories: every path is fixed here, in the driver
     cfg = config_from_dict(absolute_config(cfg.model_dump(mode="json")))
     uri = absolute_tracking_uri(cfg.resolved_tracking_uri)
@@ -94,21 +105,19 @@ def tune_stage(cfg: PipelineConfig, space_file: Optional[str] = None) -> dict:
     check_storage(storage_root(cfg))
     space = search_space(cfg, space_file)
     data_path, manifest = ensure_dataset(cfg)
+    preflight.check_dataset_fits(cfg, manifest, data_path, needs_labels="tune (its domain distance)", workers=per_trial)
     mlflow_client = tracking.client(uri)
     sweep = f"tune-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp_id = tracking.experiment_id(mlflow_client, cfg.tracking.experiment)
     parent = mlflow_client.create_run(exp_id, run_name=sweep, tags={tags.STAGE: "tune",
                                                                     tags.MODEL: cfg.model.name})
     parent_id = parent.info.run_id
+    created(mlflow_client, parent_id)
     tracking.log_params(mlflow_client, parent_id, {**cfg.flat(), "data.manifest_hash": manifest["manifest_hash"],
                                                    "tune.space": str(space_file or cfg.tune.space or "default")})
     # every trial's checkpoints are scored (the metric its scheduler reads), whatever train.score_checkpoints says
     reference = prepare_reference(cfg, data_path, manifest, samples=cfg.tune.report_samples)
 
-    per_trial = cfg.tune.workers_per_trial
-    cores = os.cpu_count() or 1
-    concurrent = cfg.tune.max_concurrent or max(1, cores // per_trial)
-    concurrent = min(concurrent, cfg.tune.samples)
     checkpoint_every = min(cfg.train.checkpoint_every, cfg.tune.report_every)
     base = cfg.model_copy(deep=True)
     base.train.workers = per_trial
