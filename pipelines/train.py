@@ -131,9 +131,10 @@ def run_training(cfg: PipelineConfig, mlflow_client, uri: str, run_name: str, ru
     mlflow.set_tracking_uri(uri)
     status = "FAILED"
     try:
-        reference = prepare_reference(cfg, data_path, manifest) if cfg.train.score_checkpoints else None
         with ray_session(cfg.train.address, cpus_needed=cpus, gpus_needed=workers if cfg.train.gpu else 0,
                          env=tracking.worker_env(uri)):
+            # after joining the cluster: a wrong address fails in seconds, not after the classifier's training
+            reference = prepare_reference(cfg, data_path, manifest) if cfg.train.score_checkpoints else None
             job = make_job(cfg, data_path=data_path, run_id=run_id, tracking_uri=uri,
                            resume_from=str(resume_from) if resume_from else None, score_reference=reference)
             trainer = build_trainer(cfg, job, run_name=run_name)
