@@ -136,7 +136,7 @@ def evaluate_stage(cfg: PipelineConfig, run_id: Optional[str] = None, checkpoint
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_outputs(out_dir, metrics, fake, spec, generator)
     if run_id:
-        _log(mlflow_client, run_id, metrics, out_dir, cfg, model_uri, classifier)
+        _log(mlflow_client, run_id, metrics, out_dir, cfg, model_uri, classifier, data_path, manifest)
     _print_metrics(metrics, out_dir)
     return metrics
 
@@ -167,7 +167,8 @@ def _write_outputs(out_dir: Path, metrics: dict, fake: torch.Tensor, spec, gener
         save_png(image_grid(generate(generator, z, labels), nrow=per_class), out_dir / "class_grid.png")
 
 
-def _log(mlflow_client, run_id: str, metrics: dict, out_dir: Path, cfg: PipelineConfig, model_uri, classifier) -> None:
+def _log(mlflow_client, run_id: str, metrics: dict, out_dir: Path, cfg: PipelineConfig, model_uri, classifier,
+         data_path: str, manifest: dict) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -186,6 +187,8 @@ def _log(mlflow_client, run_id: str, metrics: dict, out_dir: Path, cfg: Pipeline
             "eval.reference": "heldout split"}
     for key, value in eval_tags.items():
         mlflow_client.set_tag(target, key, value)
+    # on a training run that already lists this dataset (as training data) MLflow keeps the first record
+    tracking.log_dataset_input(mlflow_client, target, data_path, manifest, tracking.DATASET_EVALUATION)
     for name in ("metrics.json", "samples.png", "class_grid.png"):
         if (out_dir / name).exists():
             mlflow_client.log_artifact(target, str(out_dir / name), artifact_path="evaluation")

@@ -56,10 +56,7 @@ def _load(model_uri: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        from pipelines.model_code import quiet_type_hint_warning
-
-        with quiet_type_hint_warning():
-            return mlflow.pyfunc.load_model(model_uri)
+        return mlflow.pyfunc.load_model(model_uri)
     except MlflowException as exc:
         raise UserError(f"cannot load model {model_uri!r}: {exc.message} "
                         f"(list models with: gan-pipeline models list / models show NAME)") from None

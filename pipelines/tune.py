@@ -159,6 +159,7 @@ def tune_stage(cfg: PipelineConfig, space_file: Optional[str] = None) -> dict:
     parent_id = parent.info.run_id
     tracking.log_params(mlflow_client, parent_id, {**cfg.flat(), "data.manifest_hash": manifest["manifest_hash"],
                                                    "tune.space": str(space_file or cfg.tune.space or "default")})
+    tracking.log_dataset_input(mlflow_client, parent_id, data_path, manifest, tracking.DATASET_TRAINING)
     reference = _prepare_reference(cfg, data_path, manifest)
 
     per_trial = cfg.tune.workers_per_trial
@@ -181,6 +182,7 @@ def tune_stage(cfg: PipelineConfig, space_file: Optional[str] = None) -> dict:
                                                                tags.MODEL: trial_cfg.model.name,
                                                                tags.RUN_NAME: name})
         tracking.log_params(client, child.info.run_id, {**trial_cfg.flat(), "data.manifest_hash": manifest["manifest_hash"]})
+        tracking.log_dataset_input(client, child.info.run_id, data_path, manifest, tracking.DATASET_TRAINING)
         job = make_job(trial_cfg, data_path=data_path, run_id=child.info.run_id, tracking_uri=uri,
                        hook_factories=[functools.partial(DomainFDReporter, reference, cfg.tune.report_samples)])
         trainer = build_trainer(trial_cfg, job, run_name=name, callbacks=[TuneReportCallback()],
