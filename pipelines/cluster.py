@@ -5,6 +5,7 @@ import contextlib
 import os
 from typing import Iterator, Optional
 
+from pipelines import cluster_auth
 from pipelines.errors import UserError
 
 
@@ -34,11 +35,11 @@ def ray_session(address: Optional[str], cpus_needed: int, gpus_needed: int = 0,
     quiet = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
     if address:
         _probe(address)
+        cluster_auth.use_user_token()
         try:
             ray.init(address=address, runtime_env=runtime_env, **quiet)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ClusterError(f"cannot join the Ray cluster at {address!r}: {exc}. Is `ray start --head` running "
-                               f"there, and is the address right (auto, host:6379, ray://host:10001)?") from None
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as exc:
+            raise ClusterError(cluster_auth.join_failure(address, exc)) from None
     else:
         gpus = None
         if gpus_needed:
