@@ -161,3 +161,27 @@ def test_registered_generator_answers_mlflow_models_serve(trained, tmp_path):
     assert images.shape == (3, 1, 28, 28)
     assert images.min() >= -1.0 and images.max() <= 1.0 and images.std() > 0
     assert "type hints" not in log_path.read_text(), "MLflow's advice to add type hints is printed at load"
+
+
+def test_sweep_and_its_trials_list_the_dataset_as_training_input(trained):
+    """A one-trial sweep, in the runs directory whose domain classifier the fixture already holds."""
+    config = trained["work"] / "tune.yaml"
+    config.write_text("tune:\n  report_samples: 100\n  report_every: 2\neval:\n  num_samples: 200\n"
+                      "  kid_subset_size: 100\n  inception: false\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": trained["uri"], "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([EXE, "tune", "--model", "cgan", "--config", str(config), "--samples", "1",
+                             "--workers-per-trial", "1", "--max-steps", "2", "--data", trained["data"],
+                             "--runs-dir", str(trained["work"] / "runs"), "--experiment", "lineage-sweep",
+                             "--name", f"lineage-sweep-{uuid.uuid4().hex[:6]}", "--batch-size", "16", "--ngf", "8",
+                             "--nz", str(NZ), "--log-every", "2", "--sample-every", "2"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    client = _client(trained["uri"])
+    experiment = client.get_experiment_by_name("lineage-sweep")
+    assert experiment.tags[tags.EXPERIMENT_KIND] == "custom_model_development"
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags[tags.STAGE] for r in runs) == ["tune", "tune-trial"]
+    for run in runs:
+        [(dataset, context)] = _dataset_inputs(run)
+        assert context == "training"
+        _assert_is_the_prepared_dataset(dataset, trained["data"])
