@@ -209,7 +209,9 @@ def pipeline_rate(data_path: str, resolution: int, args, tmp: Path, workers: int
     uri = f"sqlite:///{tmp}/mlflow-{name}.db"
     steps = args.cli_steps * (64 // resolution) ** 2  # about the same seconds of training at every size
     cmd = [str(Path(sys.executable).parent / "gan-pipeline"), "train", "--model", "dcgan", "--data", data_path,
-           "--workers", str(workers), "--max-steps", str(steps), "--batch-size", str(args.batch_size),
+           "--workers", str(workers), "--max-steps", str(steps), "--no-score-checkpoints",
+           # --batch-size is the global batch: args.batch_size per worker
+           "--batch-size", str(args.batch_size * workers),
            "--ngf", str(args.ngf), "--ndf", str(args.ngf), "--log-every", str(max(steps // 12, 1)),
            "--checkpoint-every", str(steps), "--sample-every", str(steps), "--precision", precision,
            "--runs-dir", str(tmp / f"runs-{name}"), "--run-name", name]

@@ -52,9 +52,11 @@ def pipeline(data_path: str, args, workers: int, tmp: Path) -> tuple[float, floa
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     steps = args.steps * 2 // workers + 20  # same work per worker-step budget, plus a warm-up window
     cmd = [str(Path(sys.executable).parent / "gan-pipeline"), "train", "--model", "dcgan", "--data", data_path,
-           "--workers", str(workers), "--max-steps", str(steps), "--batch-size", str(args.batch_size),
+           "--workers", str(workers), "--max-steps", str(steps), "--no-score-checkpoints",
+           # --batch-size is the global batch: args.batch_size per worker
+           "--batch-size", str(args.batch_size * workers),
            "--ngf", str(args.ngf), "--ndf", str(args.ngf), "--log-every", "10", "--checkpoint-every", str(steps),
-           "--sample-every", str(steps), "--runs-dir", str(tmp / f"runs-{workers}"), "--run-name", f"bench-{workers}"]
+           "--sample-every", str(steps), "--precision", "fp32", "--runs-dir", str(tmp / f"runs-{workers}"), "--run-name", f"bench-{workers}"]
     start = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     wall = time.perf_counter() - start

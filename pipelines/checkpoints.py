@@ -4,7 +4,8 @@
 A checkpoint directory holds:
     state.pt            G, D, (aux), both optimizers, grad scalers, progress counters (noise is reseeded per checkpoint),
                         and the loop hooks' own state ("hooks": {state_key: state_dict}, when a hook has one)
-    generator.pt        G's weights alone (what evaluate/register need)
+    generator.pt        the generator's weights alone (what evaluate/register need): G as trained, or its
+                        moving average where that scored better (pipelines.scoring)
     config.json         the resolved PipelineConfig and the data geometry
     pending_metrics.json  metrics produced since the previous checkpoint (committed to MLflow after this one)
     samples/*.png       fixed-noise grids produced since the previous checkpoint
@@ -40,7 +41,10 @@ class CheckpointError(UserError):
 
 
 def write_checkpoint(directory: Path, gan: GAN, progress: dict[str, int], run_config: dict,
-                     pending_metrics: list, sample_pngs: dict[str, bytes], hook_states: Optional[dict] = None) -> None:
+                     pending_metrics: list, sample_pngs: dict[str, bytes], hook_states: Optional[dict] = None,
+                     generator: Optional[torch.nn.Module] = None) -> None:
+    """``generator``: the network saved as ``generator.pt`` (what evaluate and register use) when it is not G as
+    trained, e.g. G's moving average where that scored better (pipelines.scoring)."""
     directory.mkdir(parents=True, exist_ok=True)
     state = {
         "generator": unwrap(gan.generator).state_dict(),
@@ -57,7 +61,8 @@ def write_checkpoint(directory: Path, gan: GAN, progress: dict[str, int], run_co
     if hook_states:
         state["hooks"] = hook_states
     atomic_write(directory / STATE_FILE, lambda f: torch.save(state, f))
-    atomic_write(directory / GENERATOR_FILE, lambda f: torch.save(unwrap(gan.generator).state_dict(), f))
+    exported = unwrap(generator if generator is not None else gan.generator).state_dict()
+    atomic_write(directory / GENERATOR_FILE, lambda f: torch.save(exported, f))
     atomic_write(directory / CONFIG_FILE, json.dumps(run_config, indent=2, sort_keys=True))
     atomic_write(directory / PENDING_METRICS_FILE, json.dumps(pending_metrics))
     if sample_pngs:

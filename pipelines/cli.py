@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import functools
 import sys
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import click
 
 from pipelines.config import ConfigError, PipelineConfig, build_config
+from pipelines.guard import GuardedGroup
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,12 @@ class Opt:
         return self.key.replace(".", "__")
 
 
+def choices(key: str) -> click.Choice:
+    """The values a config key's ``Literal`` type allows: the CLI offers exactly what the config accepts."""
+    section, name = key.split(".")
+    return click.Choice(list(typing.get_args(PipelineConfig.model_fields[section].annotation.model_fields[name].annotation)))
+
+
 MODEL_OPTS = [
     Opt("model.nz", ("--nz",), int, "noise dimension"),
     Opt("model.ngf", ("--ngf",), int, "generator width"),
@@ -41,9 +49,11 @@ MODEL_OPTS = [
     Opt("optim.n_critic", ("--n-critic",), int, "critic updates per generator update"),
     Opt("optim.clip_value", ("--clip-value",), float, "WGAN weight clipping bound c"),
     Opt("optim.gp_weight", ("--gp-weight",), float, "WGAN-GP penalty weight lambda"),
+    Opt("optim.critic_warmup", ("--critic-warmup",), None,
+        "WGAN reference code: 100 critic updates for the first 25 generator steps and every 500th", is_flag=True),
 ]
 DATA_OPTS = [
-    Opt("data.dataset", ("--dataset",), click.Choice(["mnist", "fashion-mnist", "cifar10", "imagefolder"]),
+    Opt("data.dataset", ("--dataset",), choices("data.dataset"),
         "dataset (default mnist, bundled, offline)"),
     Opt("data.source", ("--source",), str, "folder with the dataset's original files"),
     Opt("data.resolution", ("--resolution",), int, "28, 32 or 64 px (default: the dataset's own)"),
@@ -54,11 +64,18 @@ TRAIN_OPTS = [
     Opt("train.workers", ("--workers",), int, "data-parallel Ray Train workers"),
     Opt("train.gpu", ("--gpu",), None, "one GPU per worker (NCCL)", is_flag=True),
     Opt("train.address", ("--address",), str, "Ray cluster to join (auto, ray://host:10001); default local"),
+    Opt("train.time_budget", ("--time-budget",), str,
+        "wall-clock training budget, e.g. 90s, 8m, 1h30m (default 7m30s unless --epochs or --max-steps is given)"),
     Opt("train.epochs", ("--epochs",), int, "epochs of the train split"),
     Opt("train.max_steps", ("--max-steps",), int, "generator steps (wins over --epochs)"),
-    Opt("train.batch_size", ("--batch-size",), int, "batch size per worker"),
+    Opt("train.batch_size", ("--batch-size",), int, "global batch size, split evenly across the workers"),
     Opt("train.seed", ("--seed",), int, "random seed"),
-    Opt("train.precision", ("--precision",), click.Choice(["fp32", "bf16", "fp16"]), "autocast precision"),
+    Opt("train.precision", ("--precision",), choices("train.precision"),
+        "autocast precision (default auto: bf16 where the CPU/GPU has bf16 units, else fp32)"),
+    Opt("train.ema_half_life", ("--ema-half-life",), float,
+        "half-life in images of the moving average of G's weights (0 = off)"),
+    Opt("train.score_checkpoints", ("--score-checkpoints/--no-score-checkpoints",), None,
+        "score every checkpoint (cheap domain FD) and keep the best as the run's generator (default on)", is_flag=True),
     Opt("train.channels_last", ("--channels-last/--no-channels-last",), None,
         "NHWC memory format for G and D (default on: 1.1-1.3x on CPU, neutral on GPU)", is_flag=True),
     Opt("train.compile", ("--compile",), None, "torch.compile G and D", is_flag=True),
@@ -82,8 +99,8 @@ TUNE_OPTS = [
     Opt("tune.samples", ("--samples",), int, "number of trials"),
     Opt("tune.workers_per_trial", ("--workers-per-trial",), int, "Ray Train workers per trial"),
     Opt("tune.max_concurrent", ("--max-concurrent",), int, "trials at once"),
-    Opt("tune.scheduler", ("--scheduler",), click.Choice(["asha", "fifo"]), "trial scheduler"),
-    Opt("tune.search", ("--search",), click.Choice(["random", "optuna"]), "search algorithm"),
+    Opt("tune.scheduler", ("--scheduler",), choices("tune.scheduler"), "trial scheduler"),
+    Opt("tune.search", ("--search",), choices("tune.search"), "search algorithm"),
 ]
 
 
@@ -107,6 +124,9 @@ def config_options(*groups: list[Opt], model_choice: bool = True) -> Callable:
                     cfg.runs_dir = runs_dir
             except ConfigError as exc:
                 raise click.UsageError(str(exc)) from None
+            from pipelines.safety import check_runs_dir
+
+            check_runs_dir(cfg.runs_dir)
             return fn(cfg=cfg, **kwargs)
 
         for opt in reversed(opts):
@@ -115,7 +135,7 @@ def config_options(*groups: list[Opt], model_choice: bool = True) -> Callable:
         wrapper = click.option("--runs-dir", "runs_dir", default=None,
                                help="where prepared data, checkpoints and run state go (default ./gan-runs)")(wrapper)
         if model_choice:
-            wrapper = click.option("--model", "model", type=click.Choice(["dcgan", "cgan", "wgan", "wgan-gp"]),
+            wrapper = click.option("--model", "model", type=choices("model.name"),
                                    default=None, help="model preset (default dcgan)")(wrapper)
         else:
             wrapper = click.option("--model", "model", hidden=True, default=None)(wrapper)
@@ -136,21 +156,22 @@ def _fail_cleanly(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (UserError, ConfigError) as exc:
-            raise click.ClickException(str(exc)) from None
+            error = click.ClickException(str(exc))
+            error.exit_code = getattr(exc, "exit_code", 1)
+            raise error from None
 
     return wrapper
 
 
 def _print_config(cfg: PipelineConfig) -> None:
     click.echo("# resolved configuration (preset <- --config file <- options)")
-    click.echo(cfg.to_yaml(), nl=False)
+    from pipelines.secrets import redact_text
 
-    from pipelines.tracking import redact_uri
+    click.echo(redact_text(cfg.to_yaml()), nl=False)
+    click.echo(f"# tracking URI: {redact_text(cfg.resolved_tracking_uri)}")
 
-    click.echo(f"# tracking URI: {redact_uri(cfg.resolved_tracking_uri)}")
 
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="gan-pipeline")
 def cli() -> None:
     """Distributed GAN training: prepare -> train -> evaluate -> register, on Ray, tracked in MLflow.
@@ -306,6 +327,18 @@ def models_show(cfg: PipelineConfig, name: str) -> None:
     from pipelines.models import models_show_stage
 
     models_show_stage(cfg, name=name)
+
+
+@models.command("verify")
+@click.argument("model_ref", metavar="MODEL")
+@config_options(TRACKING_OPTS, model_choice=False)
+@_fail_cleanly
+def models_verify(cfg: PipelineConfig, model_ref: str) -> None:
+    """Check a registered model's files (NAME@ALIAS or NAME/VERSION) against the sha256 recorded when it was
+    registered; exit 1 if any file was changed, added or removed."""
+    from pipelines.integrity import verify_stage
+
+    verify_stage(cfg, model_ref)
 
 
 def main() -> None:

@@ -31,10 +31,12 @@ def ray_session(address: Optional[str], cpus_needed: int, gpus_needed: int = 0,
         return
     # Ray Train's print patch would echo every progress line twice (stdout and its logger).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    runtime_env = {"env_vars": dict(env or {})}
     quiet = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
     if address:
         _probe(address)
+        # a remote cluster's workers do not share this process's environment: runtime_env is the only way there
+        # (Ray's runtime-env agent on the cluster logs it; see docs/reliability.md, Security)
+        runtime_env = {"env_vars": dict(env or {})}
         cluster_auth.use_user_token()
         try:
             ray.init(address=address, runtime_env=runtime_env, **quiet)
@@ -48,13 +50,95 @@ def ray_session(address: Optional[str], cpus_needed: int, gpus_needed: int = 0,
             gpus = torch.cuda.device_count()
         # The dashboard binds 127.0.0.1 unless told otherwise; Ray Train's state API needs it.
         # address="local": always a fresh instance, never a cluster that `ray start` left on this machine.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed, declare_cpus or 0), num_gpus=gpus, runtime_env=runtime_env,
-                 dashboard_host="127.0.0.1", **quiet)
+        # Local workers inherit this process's environment (raylet and workers are its children), so secrets
+        # reach them without runtime_env, whose env_vars Ray writes in clear text to its session logs.
+        restore = inherited_env({**(env or {}), **local_auth_env(), **LOOPBACK_ENV, **_own_address_env()})
+        restore_constant = _loopback_node_address()
+        try:
+            # every address Ray lets us choose on loopback (its gRPC servers still bind the wildcard, guarded by
+            # the token; docs/reliability.md, Security)
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed, declare_cpus or 0),
+                     num_gpus=gpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **quiet)
+        except BaseException:
+            restore()
+            restore_constant()
+            raise
     try:
         _check_fits(cpus_needed, gpus_needed, address)
         yield
     finally:
         ray.shutdown()
+        if not address:
+            restore()
+            restore_constant()
+
+
+def inherited_env(env: dict[str, str]):
+    """Put ``env`` into this process's environment (for the local Ray processes to inherit); returns the undo."""
+    before = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+
+    def restore() -> None:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    return restore
+
+
+# Ray resolves a node address of 127.0.0.1 back to the machine's external address unless it runs as a single-machine
+# instance (its Windows/macOS default, ray_constants.ENABLE_RAY_CLUSTER false): then the node address, which the
+# runtime-env agent, the dashboard agent and every "where am I" lookup use, is 127.0.0.1. The variable covers the
+# child processes; the constant, read at import, the driver.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def _loopback_node_address():
+    import ray._private.ray_constants as ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+    def restore() -> None:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+    return restore
+
+
+def _own_address_env() -> dict[str, str]:
+    """The instance's GCS port, chosen here, and ``RAY_ADDRESS`` pointing at it for every process of the instance:
+    Ray's internal actors (Train's PlacementGroupCleaner, the state API) otherwise look for "the" local instance and,
+    beside another one on the machine, print "Found multiple active Ray instances" and a traceback."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"}
+
+
+def local_auth_env() -> dict[str, str]:
+    """Ray token authentication, on, with a token file only the user can read (Ray's own ``~/.ray/auth_token`` is
+    created 0644). A token configured by the user (``RAY_AUTH_*``) is theirs and left alone."""
+    if any(key in os.environ for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        return {}
+    import secrets
+
+    from pipelines.guard import state_dir
+
+    path = state_dir() / "ray_auth_token"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    except FileExistsError:
+        os.chmod(path, 0o600)  # the product's own file: kept private even if someone loosened it
+    # RAY_AUTH_MODE stays unset: a new local instance then turns token mode on itself (Ray 2.60's default, which
+    # also refreshes Ray's cached config; setting the variable here would come too late for that cache)
+    return {"RAY_AUTH_TOKEN_PATH": str(path)}
 
 
 def _probe(address: str, timeout: float = 5.0) -> None:

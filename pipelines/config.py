@@ -7,25 +7,43 @@ re-parse options.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gan_models.presets import PRESETS, preset
 from gan_models.step import GANSpec
 
 SUPPORTED_RESOLUTIONS = (28, 32, 64)
+# A run with neither --epochs, --max-steps nor --time-budget trains this long: sized so that the default
+# `gan-pipeline run` (start-up, training, evaluation, registration) stays within 10 minutes on a 2-core laptop.
+DEFAULT_TIME_BUDGET = 450.0
+
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """'450', '90s', '8m', '1h30m', '7m30s' -> seconds."""
+    match = _DURATION.match(text)
+    if not text.strip() or not match or not any(match.groups()):
+        raise ValueError(f"{text!r} is not a duration; write seconds or e.g. 90s, 8m, 1h30m")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "imagefolder")
 
 
 class ConfigError(ValueError):
     """A configuration problem, worded for the person who typed it."""
 
+    exit_code = 2  # a bad value or config file (pipelines.guard)
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan are refused everywhere: `lr_g: .inf` or `clip_value: .inf` (clipping silently off) are typos, not settings
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -55,13 +73,17 @@ class ModelConfig(_Strict):
 
 class OptimConfig(_Strict):
     optimizer: Literal["adam", "rmsprop"] = "adam"
-    lr_g: float = Field(2e-4, gt=0)
-    lr_d: float = Field(2e-4, gt=0)
+    lr_g: float = Field(2e-4, gt=0, le=1.0)
+    lr_d: float = Field(2e-4, gt=0, le=1.0)
     beta1: float = Field(0.5, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
-    n_critic: int = Field(1, ge=1, description="critic updates per generator update")
-    clip_value: Optional[float] = Field(None, gt=0, description="WGAN weight clipping bound c")
-    gp_weight: float = Field(0.0, ge=0, description="WGAN-GP penalty weight lambda")
+    # bounds: a generator step runs n_critic critic steps (1,000,000 made one "step" of 1,000 epochs); a clip
+    # bound >= 1 leaves the critic's weights (|w| << 1) unclipped
+    n_critic: int = Field(1, ge=1, le=100, description="critic updates per generator update")
+    critic_warmup: bool = Field(False, description="WGAN reference code: 100 critic updates for the first 25 "
+                                                   "generator steps and every 500th (gan_models.step)")
+    clip_value: Optional[float] = Field(None, gt=0, lt=1.0, description="WGAN weight clipping bound c")
+    gp_weight: float = Field(0.0, ge=0, le=1000.0, description="WGAN-GP penalty weight lambda")
 
 
 class DataConfig(_Strict):
@@ -90,14 +112,25 @@ class DataConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    workers: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1, le=1024, description="a local instance is bounded further by the machine's "
+                                                       "cores (pipelines.preflight)")
     gpu: bool = False
     address: Optional[str] = Field(None, description="Ray cluster to join: auto, ray://host:10001; none = local")
-    epochs: int = Field(3, ge=1)
+    time_budget: Optional[float] = Field(
+        None, gt=0, description="wall-clock training budget in seconds ('90s', '8m', '1h30m' accepted): training "
+                                "ends at the deadline with a final checkpoint. Default: 7m30s unless --epochs or "
+                                "--max-steps is given")
+    epochs: Optional[int] = Field(None, ge=1, description="epochs of the train split")
     max_steps: Optional[int] = Field(None, ge=1, description="generator steps; wins over epochs")
-    batch_size: int = Field(64, ge=2, description="per worker")
-    seed: int = 0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    batch_size: int = Field(64, ge=2, description="global batch, split evenly across the workers")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy and torch seeds (0 .. 2**32-1)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the CPU or GPU has bf16 units, else fp32")
+    ema_half_life: float = Field(10_000, ge=0, description="half-life in images of the moving average of G's "
+                                                          "weights (gan_models.ema); 0 = off")
+    score_checkpoints: bool = Field(True, description="domain FD of G (and its average) at every checkpoint; the "
+                                                      "best checkpoint is the run's generator")
+    score_samples: int = Field(2000, ge=100, description="generated images per checkpoint score")
     channels_last: bool = Field(True, description="NHWC memory format for G, D and batches: faster on CPU, "
                                                  "neutral on GPU (docs/performance.md)")
     compile: bool = Field(False, description="torch.compile G and D (docs/performance.md)")
@@ -108,6 +141,29 @@ class TrainConfig(_Strict):
     max_failures: int = Field(0, ge=0)
     storage_path: Optional[str] = Field(None, description="checkpoints (local, NFS or cloud URI); default runs dir")
     threads_per_worker: Optional[int] = Field(None, ge=1)
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
+
+    @property
+    def resolved_time_budget(self) -> Optional[float]:
+        """Seconds of training: the budget given, the default one when no epoch or step limit is given either."""
+        if self.time_budget is None and self.epochs is None and self.max_steps is None:
+            return DEFAULT_TIME_BUDGET
+        return self.time_budget
+
+    def batch_per_worker(self) -> int:
+        return self.batch_size // self.workers
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> "TrainConfig":
+        if self.batch_size % self.workers or self.batch_size // self.workers < 2:
+            raise ValueError(f"batch_size {self.batch_size} is the global batch and must split evenly into at least "
+                             f"2 images per worker over {self.workers} workers; use a multiple of {self.workers} "
+                             f"(e.g. {max(2, -(-self.batch_size // self.workers)) * self.workers})")
+        return self
 
     @model_validator(mode="after")
     def _fp16_needs_gpu(self) -> "TrainConfig":
@@ -124,9 +180,9 @@ class TrackingConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    num_samples: int = Field(10_000, ge=10)
+    num_samples: int = Field(10_000, ge=10, le=1_000_000)
     batch_size: int = Field(500, ge=1)
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, le=2**32 - 1)
     inception: bool = True
     inception_weights: Optional[str] = None
     kid_subset_size: int = Field(1000, ge=2)
@@ -198,6 +254,14 @@ class PipelineConfig(_Strict):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+    def resolved_precision(self) -> str:
+        """``auto`` decided by this machine's hardware (in a worker: the worker's)."""
+        if self.train.precision != "auto":
+            return self.train.precision
+        from gan_models.performance import default_precision
+
+        return default_precision("cuda" if self.train.gpu else "cpu")
+
     def gan_spec(self, resolution: int, channels: int, num_classes: int) -> GANSpec:
         """The config mapped onto what the science needs (geometry comes from the dataset's manifest)."""
         m, o = self.model, self.optim
@@ -209,8 +273,9 @@ class PipelineConfig(_Strict):
             ndf=m.ndf or m.ngf or default_width, objective=m.objective,
             conditional=m.conditional, num_classes=num_classes if m.conditional else m.num_classes,
             critic_batchnorm=m.critic_batchnorm, aux_class_weight=m.aux_class_weight, optimizer=o.optimizer,
-            lr_g=o.lr_g, lr_d=o.lr_d, beta1=o.beta1, beta2=o.beta2, n_critic=o.n_critic, clip_value=o.clip_value,
-            gp_weight=o.gp_weight, precision=self.train.precision,
+            lr_g=o.lr_g, lr_d=o.lr_d, beta1=o.beta1, beta2=o.beta2, n_critic=o.n_critic,
+            critic_warmup=o.critic_warmup, clip_value=o.clip_value, gp_weight=o.gp_weight,
+            precision=self.resolved_precision(),
         )
 
     @model_validator(mode="after")
@@ -242,13 +307,10 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
 
 
 def read_yaml(path: str | Path) -> dict:
+    from pipelines.safety import load_yaml
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    data = load_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (model:, optim:, ...), got {type(data).__name__}")
     return data

@@ -8,6 +8,7 @@ generator always gets the same score.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +24,15 @@ from pipelines.errors import UserError
 from pipelines.files import atomic_write
 
 
+# Domain classifiers are keyed by the dataset's manifest hash, so one cache can serve several runs dirs.
+CLASSIFIER_CACHE_ENV = "GAN_PIPELINE_CLASSIFIER_CACHE"
+
+
+def classifier_cache_dir(cfg: PipelineConfig) -> Path:
+    """``$GAN_PIPELINE_CLASSIFIER_CACHE`` when set, else ``<runs_dir>/classifiers``."""
+    return Path(os.environ.get(CLASSIFIER_CACHE_ENV) or Path(cfg.runs_dir) / "classifiers")
+
+
 def domain_classifier(cfg: PipelineConfig, data_path: str, manifest: dict):
     """The dataset's domain classifier, trained once and cached by manifest hash under ``<runs_dir>/classifiers``."""
     from pipelines.data.reader import load_split
@@ -30,9 +40,10 @@ def domain_classifier(cfg: PipelineConfig, data_path: str, manifest: dict):
 
     num_classes = len(manifest.get("class_names") or [])
     if num_classes < 2:
-        raise UserError(f"the dataset at {data_path} is unlabeled; the domain classifier behind the metrics needs "
-                        f"class labels (prepare an image folder with one subfolder per class)")
-    cache_dir = Path(cfg.runs_dir) / "classifiers"
+        kind = "unlabeled" if num_classes == 0 else "labeled with a single class"
+        raise UserError(f"the dataset at {data_path} is {kind}; the domain classifier behind the metrics needs "
+                        f"two or more classes (prepare an image folder with one subfolder per class)")
+    cache_dir = classifier_cache_dir(cfg)
     paths = cache_paths(cache_dir, manifest["manifest_hash"])
     kwargs = {}
     if not all(p.exists() for p in paths):
@@ -72,18 +83,9 @@ def _download_generator(mlflow_client, run_id: str, target: Path) -> Path:
 
 def resolve_model_uri(mlflow_client, model_uri: str) -> str:
     """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> the run that produced that version."""
-    if not model_uri.startswith("models:/"):
-        raise UserError(f"model URI {model_uri!r} must look like models:/NAME@ALIAS or models:/NAME/VERSION")
-    rest = model_uri[len("models:/"):]
-    try:
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            version = mlflow_client.get_model_version_by_alias(name, alias)
-        else:
-            name, number = rest.rsplit("/", 1)
-            version = mlflow_client.get_model_version(name, number)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"registered model {model_uri} not found: {exc}. List them with gan-pipeline models list") from None
+    from pipelines.integrity import model_version_of
+
+    version = model_version_of(mlflow_client, model_uri)
     source_run = version.tags.get("source_run_id") or version.run_id
     if not source_run:
         raise UserError(f"{model_uri} records no source run; evaluate it with --run-id instead")
@@ -95,6 +97,10 @@ def evaluate_stage(cfg: PipelineConfig, run_id: Optional[str] = None, checkpoint
     given = [x for x in (run_id, checkpoint, model_uri) if x]
     if len(given) != 1:
         raise UserError("name exactly one generator: --run-id ID, --checkpoint DIR or --model-uri models:/NAME@ALIAS")
+    if out:  # said now, not after minutes of scoring
+        from pipelines import safety
+
+        safety.check_folder(out, "evaluation output", "--out", safety.EVALUATION_ENTRIES)
     uri = cfg.resolved_tracking_uri
     tracking.check_reachable(uri)
     mlflow_client = tracking.client(uri)
@@ -102,7 +108,15 @@ def evaluate_stage(cfg: PipelineConfig, run_id: Optional[str] = None, checkpoint
         if model_uri:
             run_id = resolve_model_uri(mlflow_client, model_uri)
         if run_id:
+            from pipelines.safety import check_name
+
+            check_name(run_id, "--run-id")  # it names the default output folder
             gen_dir = _download_generator(mlflow_client, run_id, Path(tmp))
+            if model_uri:  # the weights scored must be the registered ones
+                from pipelines.integrity import model_version_of, verify_weights
+
+                verify_weights(gen_dir / "generator.pt", model_version_of(mlflow_client, model_uri).tags or {},
+                               model_uri)
         else:
             gen_dir = Path(checkpoint)
             if not gen_dir.is_dir():
@@ -133,10 +147,16 @@ def evaluate_stage(cfg: PipelineConfig, run_id: Optional[str] = None, checkpoint
     metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating))}
 
     out_dir = Path(out) if out else Path(cfg.runs_dir) / "evaluations" / (run_id or gen_dir.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from pipelines import safety
+
+    safety.check_folder(out_dir, "evaluation output", "--out", safety.EVALUATION_ENTRIES)
+    safety.claim_folder(out_dir)
     _write_outputs(out_dir, metrics, fake, spec, generator)
     if run_id:
-        _log(mlflow_client, run_id, metrics, out_dir, cfg, model_uri, classifier, data_path, manifest)
+        from pipelines.runs import failed_on_error
+
+        with failed_on_error() as created:  # an evaluation run it creates ends FAILED if logging fails
+            _log(mlflow_client, run_id, metrics, out_dir, cfg, model_uri, classifier, data_path, manifest, created)
     _print_metrics(metrics, out_dir)
     return metrics
 
@@ -145,7 +165,7 @@ def _real_floor(cfg, data_path, manifest, classifier, real_x, real_y, spec, cach
     """Real train vs real held-out, computed once per (dataset, sample count, seed) and cached."""
     from pipelines.data.reader import load_split
 
-    path = Path(cfg.runs_dir) / "classifiers" / f"floor-{manifest['manifest_hash'][:16]}-{cfg.eval.num_samples}-{cfg.eval.seed}.json"
+    path = classifier_cache_dir(cfg) / f"floor-{manifest['manifest_hash'][:16]}-{cfg.eval.num_samples}-{cfg.eval.seed}.json"
     if path.is_file():
         return json.loads(path.read_text())
     train_x, train_y = load_split(data_path, "train", limit=cfg.eval.num_samples, seed=cfg.eval.seed)
@@ -168,7 +188,7 @@ def _write_outputs(out_dir: Path, metrics: dict, fake: torch.Tensor, spec, gener
 
 
 def _log(mlflow_client, run_id: str, metrics: dict, out_dir: Path, cfg: PipelineConfig, model_uri, classifier,
-         data_path: str, manifest: dict) -> None:
+         data_path: str, manifest: dict, created=lambda client, run_id: None) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -179,6 +199,7 @@ def _log(mlflow_client, run_id: str, metrics: dict, out_dir: Path, cfg: Pipeline
         target = mlflow_client.create_run(exp, run_name=f"evaluate {model_uri}", tags={
             tags.STAGE: "evaluate", tags.EVALUATES: model_uri,
             tags.SOURCE_RUN_ID: run_id}).info.run_id
+        created(mlflow_client, target)
     items = [Metric(k, v, now, 0) for k, v in metrics.items()]
     for start in range(0, len(items), 1000):
         mlflow_client.log_batch(target, metrics=items[start:start + 1000])

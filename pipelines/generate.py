@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipelines.config import PipelineConfig
-from pipelines.errors import UserError
+from pipelines.errors import BadValue, UserError
 from pipelines.files import atomic_write
 
 
@@ -51,12 +51,25 @@ def slerp(z0, z1, steps: int):
     return torch.sin((1 - t) * omega) / so * z0 + torch.sin(t * omega) / so * z1
 
 
+_VERIFIED_COPIES: list = []
+MAX_IMAGES = 100_000  # 64 px RGB: 1.2 GB of uint8, 4.9 GB as float32 on the way
+
+
 def _load(model_uri: str):
     import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
-        return mlflow.pyfunc.load_model(model_uri)
+        source = model_uri
+        if model_uri.startswith("models:/"):  # verified against its registration before its code runs
+            import tempfile
+
+            from pipelines.integrity import download_verified
+
+            keep = tempfile.TemporaryDirectory(prefix="gan-generate-")
+            _VERIFIED_COPIES.append(keep)  # the loaded model imports from it: kept until the process ends
+            source = str(download_verified(mlflow.tracking.MlflowClient(), model_uri, keep.name))
+        return mlflow.pyfunc.load_model(source)
     except MlflowException as exc:
         raise UserError(f"cannot load model {model_uri!r}: {exc.message} "
                         f"(list models with: gan-pipeline models list / models show NAME)") from None
@@ -78,9 +91,16 @@ def generate_stage(cfg: PipelineConfig, model_uri: str, n: int = 64, label: Opti
     from gan_models.sampling import evaluation_inputs
 
     if n < 1:
-        raise UserError(f"--n must be at least 1, got {n}")
+        raise BadValue(f"--n must be at least 1, got {n}")
+    if n > MAX_IMAGES:
+        raise BadValue(f"--n {n} is more than {MAX_IMAGES:,} images in one file; generate several files instead")
     if fmt not in ("png", "npy"):
         raise UserError(f"--format must be png or npy, got {fmt!r}")
+    from pipelines.safety import check_output_file
+    from pipelines.tracking import check_reachable
+
+    check_output_file(out, "--out")
+    check_reachable(cfg.resolved_tracking_uri)
     mlflow.set_tracking_uri(cfg.resolved_tracking_uri)
     mlflow.set_registry_uri(cfg.resolved_tracking_uri)
     model = _load(model_uri)

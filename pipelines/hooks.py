@@ -49,7 +49,7 @@ class LoopState:
     gan: Any
     rank: int
     world: int
-    total_steps: int
+    total_steps: Optional[int]  # None: until the time budget runs out
     checkpoint_every: int
     log_every: int
     sample_every: int
@@ -60,6 +60,8 @@ class LoopState:
     last: bool = False
     at_checkpoint: bool = False
     stop_reason: Optional[str] = None
+    time_budget: Optional["TimeBudget"] = None
+    exported_generator: Optional[Any] = None  # what a checkpoint saves as generator.pt; None: G as trained
     pending: list = field(default_factory=list)
     pending_images: dict = field(default_factory=dict)
 
@@ -115,16 +117,74 @@ class ConsoleProgress(Hook):
 
     def on_resume(self, loop: LoopState, pending: list) -> None:
         self.window_step = loop.step
-        self.print(f"[gan-pipeline] resumed from checkpoint at step {loop.step}/{loop.total_steps}")
+        self.print(f"[gan-pipeline] resumed from checkpoint at step {loop.step}/{loop.total_steps or '-'}")
 
     def on_log(self, loop: LoopState, values: dict[str, float]) -> None:
         now = time.perf_counter()
         seconds_per_step = (now - self.window_start) / max(loop.step - self.window_step, 1)
         self.window_start, self.window_step = now, loop.step
         losses = "  ".join(f"{k} {values[k]:.4f}" for k in CONSOLE_LOSSES if k in values)
-        self.print(f"[gan-pipeline] step {loop.step}/{loop.total_steps} ({100 * loop.step / loop.total_steps:.0f}%)  "
-                   f"epoch {loop.epoch}  {losses}  {values[IMAGES_PER_SECOND]:.0f} img/s  "
-                   f"ETA {format_eta((loop.total_steps - loop.step) * seconds_per_step)}")
+        # progress and time left: by steps, by the time budget, whichever ends first
+        done, left = [], []
+        if loop.total_steps:
+            done.append(loop.step / loop.total_steps)
+            left.append((loop.total_steps - loop.step) * seconds_per_step)
+        if loop.time_budget is not None:
+            done.append(loop.time_budget.spent() / loop.time_budget.seconds)
+            left.append(loop.time_budget.seconds - loop.time_budget.spent())
+        of = f"/{loop.total_steps}" if loop.total_steps else ""
+        self.print(f"[gan-pipeline] step {loop.step}{of} ({100 * min(max(done), 1):.0f}%)  "
+                   f"epoch {loop.epoch}  {losses}  {values[IMAGES_PER_SECOND]:.0f} img/s  ETA {format_eta(min(left))}")
+
+
+class TimeBudget(Hook):
+    """A wall-clock budget for training (``train.time_budget``): at the deadline the run ends as at its last step,
+    with a final checkpoint. The time spent is checkpointed, so a resumed run spends only what is left."""
+
+    state_key = "time_budget"
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.seconds, self.clock = seconds, clock
+        self.spent_before, self.started = 0.0, clock()
+
+    def spent(self) -> float:
+        return self.spent_before + self.clock() - self.started
+
+    def on_step(self, loop: LoopState, stats) -> None:
+        if self.spent() >= self.seconds:
+            loop.request_stop(f"time budget of {format_eta(self.seconds)} reached")
+
+    def state_dict(self) -> dict:
+        return {"spent": self.spent()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.spent_before, self.started = float(state["spent"]), self.clock()
+
+
+class GeneratorAverage(Hook):
+    """The exponential moving average of G's weights (``gan_models.ema``), updated after every step. Rank 0 only:
+    replicas hold identical weights, and only rank 0 scores and writes checkpoints."""
+
+    state_key = "generator_ema"
+
+    def __init__(self, gan, half_life_images: float, images_per_step: int):
+        from gan_models.ema import GeneratorEMA
+
+        self.ema = GeneratorEMA(gan.generator, half_life_images)
+        self.images_per_step = images_per_step
+
+    @property
+    def module(self):
+        return self.ema.module
+
+    def on_step(self, loop: LoopState, stats) -> None:
+        self.ema.update(loop.gan.generator, self.images_per_step)
+
+    def state_dict(self) -> dict:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema.load_state_dict(state)
 
 
 class DivergenceGuard(Hook):

@@ -50,6 +50,7 @@ class TrainJob:
     threads: Optional[int] = None     # torch threads per worker; None: the node's cores / workers
     resume_from: Optional[str] = None  # a checkpoint the driver found (newer than Ray's record of the run)
     hook_factories: tuple[Callable[[], Any], ...] = field(default=())
+    score_reference: Optional[dict] = None  # scoring.prepare_reference's paths: checkpoints get scored
 
     def __post_init__(self) -> None:
         paths = {"data_path": self.data_path, "runs_dir": self.config["runs_dir"],

@@ -26,8 +26,11 @@ def check_storage(path: str) -> None:
     after startup and the first checkpoint's steps. Cloud URIs are checked by Ray at the first checkpoint."""
     if "://" in path:
         return
+    from pipelines import safety
+
+    safety.check_storage_folder(path)
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
+        safety.claim_folder(path)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".gan-pipeline-write-probe-"):
             pass
     except OSError as exc:
@@ -37,11 +40,13 @@ def check_storage(path: str) -> None:
 
 
 def make_job(cfg: PipelineConfig, *, data_path: str, run_id: str, tracking_uri: str,
-             resume_from: Optional[str] = None, hook_factories: Sequence[Callable] = ()) -> TrainJob:
+             resume_from: Optional[str] = None, hook_factories: Sequence[Callable] = (),
+             score_reference: Optional[dict] = None) -> TrainJob:
     """The worker's inputs for ``cfg``: config redacted, every path resolved here, in the driver."""
     return TrainJob.create(tracking.redact_config(cfg.model_dump(mode="json")), data_path=data_path, run_id=run_id,
                            tracking_uri=tracking_uri, threads=cfg.train.threads_per_worker,
-                           resume_from=resume_from, hook_factories=tuple(hook_factories))
+                           resume_from=resume_from, hook_factories=tuple(hook_factories),
+                           score_reference=score_reference)
 
 
 def build_trainer(cfg: PipelineConfig, job: TrainJob, *, run_name: str, callbacks: Sequence = (),
@@ -51,8 +56,13 @@ def build_trainer(cfg: PipelineConfig, job: TrainJob, *, run_name: str, callback
 
     from pipelines.loop import train_worker
 
+    from pipelines.scoring import CHECKPOINT_SCORE
+
     t = cfg.train
     resources = {"CPU": t.threads_per_worker or 1}
+    # scored runs keep their best checkpoints (and always the latest, to resume from); others the latest few
+    ranking = ({"checkpoint_score_attribute": CHECKPOINT_SCORE, "checkpoint_score_order": "min"}
+               if job.score_reference is not None else {})
     if t.gpu:
         resources["GPU"] = 1
     return TorchTrainer(
@@ -62,7 +72,7 @@ def build_trainer(cfg: PipelineConfig, job: TrainJob, *, run_name: str, callback
         run_config=RunConfig(
             name=run_name,
             storage_path=storage or storage_root(cfg),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, **ranking),
             failure_config=FailureConfig(max_failures=t.max_failures),
             callbacks=list(callbacks),
         ),

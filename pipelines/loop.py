@@ -20,7 +20,7 @@ from gan_models.sampling import from_uint8
 from pipelines import checkpoints, tracking
 from pipelines.config import PipelineConfig, config_from_dict
 from pipelines.faults import fault_hooks_from_env
-from pipelines.hooks import Hook, LoopState, StopTraining, default_hooks
+from pipelines.hooks import GeneratorAverage, Hook, LoopState, StopTraining, TimeBudget, default_hooks
 from pipelines.job import TrainJob
 from pipelines.training_metrics import EPOCH, IMAGES_PER_SECOND, REPLICA_MAX_ABS_DIFF
 
@@ -33,11 +33,29 @@ def build_training_gan(cfg: PipelineConfig, manifest: dict, device: torch.device
     return performance.apply_options(gan, channels_last=cfg.train.channels_last, compile=cfg.train.compile)
 
 
-def total_steps(cfg: PipelineConfig, steps_per_epoch: int) -> int:
-    """Generator steps of the run: ``max_steps``, else ``epochs`` of real batches (n_critic per step)."""
+def total_steps(cfg: PipelineConfig, steps_per_epoch: int) -> Optional[int]:
+    """Generator steps of the run: ``max_steps``, else ``epochs`` of real batches (n_critic per step); None when
+    only the time budget ends it."""
     if cfg.train.max_steps:
         return cfg.train.max_steps
-    return max(1, cfg.train.epochs * steps_per_epoch // cfg.optim.n_critic)
+    if cfg.train.epochs:
+        return max(1, cfg.train.epochs * steps_per_epoch // cfg.optim.n_critic)
+    return None
+
+
+def quality_hooks(cfg: PipelineConfig, gan: GAN, loop: LoopState, score_reference: Optional[dict]) -> list[Hook]:
+    """The hooks that make a run end with a good generator: the time budget, and on rank 0 the moving average of
+    G and the checkpoint score that picks the better of the two at every checkpoint (pipelines.scoring)."""
+    from pipelines.scoring import CheckpointScore
+
+    t, hooks = cfg.train, []
+    if t.resolved_time_budget:
+        loop.time_budget = TimeBudget(t.resolved_time_budget)
+        hooks.append(loop.time_budget)
+    if score_reference is not None and loop.is_chief:
+        average = GeneratorAverage(gan, t.ema_half_life, images_per_step=t.batch_size) if t.ema_half_life else None
+        hooks += [h for h in (average, CheckpointScore(score_reference, average)) if h is not None]
+    return hooks
 
 
 def normalize(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -169,14 +187,16 @@ class Worker:
             torch.backends.cudnn.benchmark = True
         manifest = load_manifest(job.data_path)
         self.gan = build_training_gan(self.cfg, manifest, self.device)
-        self.reader = TrainReader(job.data_path, rank=rank, world_size=world, batch_size=t.batch_size, seed=t.seed)
+        self.reader = TrainReader(job.data_path, rank=rank, world_size=world, batch_size=t.batch_per_worker(),
+                                  seed=t.seed)
         self.run_config = {"config": job.config, "gan_spec": asdict(self.gan.spec), "data_path": job.data_path,
                            "manifest_hash": manifest["manifest_hash"], "mlflow_run_id": job.run_id,
                            "class_names": manifest["class_names"], "dataset": manifest["dataset"]}
         self.loop = LoopState(self.gan, rank, world, total_steps(self.cfg, self.reader.steps_per_epoch),
                               t.checkpoint_every, t.log_every, t.sample_every, t.seed)
         client = tracking.client(job.tracking_uri) if rank == 0 else None
-        self.hooks: list[Hook] = [*fault_hooks_from_env(), *default_hooks(self.gan, self.loop, client, job.run_id),
+        self.hooks: list[Hook] = [*fault_hooks_from_env(), *quality_hooks(self.cfg, self.gan, self.loop, job.score_reference),
+                                  *default_hooks(self.gan, self.loop, client, job.run_id),
                                   *(make() for make in job.hook_factories)]
         self.position = {"epoch": 0, "batch_in_epoch": 0}
 
@@ -207,13 +227,13 @@ class Worker:
         # reads and host-to-device copies overlap the step (on CPU: a small in-memory gather)
         batches = CountedBatches(performance.Prefetcher(stream) if self.device.type == "cuda" else stream)
         throughput = _Throughput(batches, loop.world)
-        while not loop.last and loop.step < loop.total_steps:
-            stats = train_step(self.gan, batches)
+        while not loop.last and (loop.total_steps is None or loop.step < loop.total_steps):
+            stats = train_step(self.gan, batches, loop.step)
             loop.step += 1
             loop.epoch = batches.batches.epoch
             for hook in hooks:
                 hook.on_step(loop, stats)
-            loop.last = loop.step >= loop.total_steps
+            loop.last = loop.total_steps is not None and loop.step >= loop.total_steps
             loop.at_checkpoint = loop.last or loop.step % loop.checkpoint_every == 0
             if loop.step % loop.log_every == 0 or loop.at_checkpoint:
                 values = _mean_across_ranks({**stats, _STOP: torch.tensor(float(loop.stop_reason is not None), device=self.device)})
@@ -250,7 +270,8 @@ class Worker:
             ckpt = None
             if loop.is_chief:
                 checkpoints.write_checkpoint(Path(tmp), self.gan, progress, self.run_config, loop.pending,
-                                             loop.pending_images, hook_states=states)
+                                             loop.pending_images, hook_states=states,
+                                             generator=loop.exported_generator)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(reported, checkpoint=ckpt, checkpoint_dir_name=checkpoints.checkpoint_dir_name(loop.step))
         for hook in hooks:  # the checkpoint is persisted: now (and only now) what it covers is committed

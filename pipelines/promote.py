@@ -17,6 +17,9 @@ def promote_stage(cfg: PipelineConfig, name: str, version: Optional[str] = None,
     """Point ``to_alias`` at ``version`` (or at the version behind ``from_alias``) unless it is worse than the
     current holder of ``to_alias`` on ``metric``. Returns ``{"name", "version", "alias", "previous",
     "candidate_value", "champion_value", "promoted"}``."""
+    from pipelines.safety import check_alias
+
+    check_alias(to_alias, "--to")
     client = registry.registry_client(cfg)
     model = registry.get_registered_model(client, name)
     candidate = registry.resolve_version(client, model, version, from_alias)

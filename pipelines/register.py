@@ -118,8 +118,11 @@ def register_stage(cfg: PipelineConfig, run_id: str) -> dict:
     from mlflow.exceptions import MlflowException
 
     import gan_models
+    from pipelines import integrity
     from pipelines.model_code import GENERATOR_MODEL_FILE
+    from pipelines.safety import check_alias
 
+    check_alias(cfg.registry.alias)  # MLflow would refuse it only after creating the version
     client = registry.registry_client(cfg)
     try:
         run = client.get_run(run_id)
@@ -151,6 +154,7 @@ def register_stage(cfg: PipelineConfig, run_id: str) -> dict:
         from pipelines.checkpoints import load_generator
 
         load_generator(local)
+        weights_sha256 = integrity.sha256_file(weights)
 
         name = _default_name(cfg, run, run_config)
         run_tags = run.data.tags
@@ -205,8 +209,13 @@ def register_stage(cfg: PipelineConfig, run_id: str) -> dict:
             f"gan-pipeline generators ({dataset}-{family}). Aliases: @candidate = newest registered, "
             f"@champion = promoted with a metric guard (gan-pipeline promote)."))
     alias = cfg.registry.alias
-    client.set_registered_model_alias(name, alias, version)
-    print(f"registered {name} v{version} from run {run_id} (alias @{alias}); "
+    try:
+        digest = integrity.record_digests(client, name, version, f"models:/{name}/{version}", weights_sha256)
+        client.set_registered_model_alias(name, alias, version)
+    except BaseException:
+        client.delete_model_version(name, version)  # no half-registered version without its digest or alias
+        raise
+    print(f"registered {name} v{version} from run {run_id} (alias @{alias}, artifacts sha256 {digest[:16]}...); "
           f"load it with mlflow.pyfunc.load_model('models:/{name}@{alias}')", flush=True)
     return {"name": name, "version": version, "uri": f"models:/{name}/{version}", "alias": alias,
             "alias_uri": f"models:/{name}@{alias}", "model_uri": info.model_uri}

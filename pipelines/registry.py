@@ -18,7 +18,10 @@ def registry_client(cfg: PipelineConfig):
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from pipelines.tracking import check_reachable
+
     uri = cfg.resolved_tracking_uri
+    check_reachable(uri)  # a dead server: seconds and a clear line, not minutes of MLflow retries
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)

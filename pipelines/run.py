@@ -27,9 +27,11 @@ class Stage:
 
 
 def _prepare(cfg: PipelineConfig, upstream: dict, wf: "Workflow") -> dict:
+    from pipelines.preflight import check_dataset_fits
     from pipelines.prepare import ensure_dataset
 
     data_path, manifest = ensure_dataset(cfg)
+    check_dataset_fits(cfg, manifest, data_path, needs_labels="gan-pipeline run (its evaluate stage)")
     return {"data_path": data_path, "manifest_hash": manifest["manifest_hash"], "dataset": manifest["dataset"]}
 
 
@@ -84,10 +86,18 @@ STAGES: tuple[Stage, ...] = (
 
 class Workflow:
     def __init__(self, cfg: PipelineConfig, name: str):
-        self.cfg, self.name = cfg, name
+        from pipelines.safety import check_name
+
+        self.cfg, self.name = cfg, check_name(name, "--run-name")
         self.directory = Path(cfg.runs_dir) / "pipelines" / name
         self.path = self.directory / "state.json"
-        self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}}
+        try:
+            self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}}
+            if not isinstance(self.state.get("stages"), dict):
+                raise ValueError("no stages")
+        except (ValueError, AttributeError):
+            raise UserError(f"the workflow state {self.path} is damaged or not gan-pipeline's; run under another "
+                            f"--run-name (the finished stages of {name!r} cannot be reused)") from None
 
     def save(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -115,7 +125,9 @@ def default_name(cfg: PipelineConfig) -> str:
 
 def run_stage(cfg: PipelineConfig, run_name: Optional[str] = None) -> dict:
     from pipelines import tracking
+    from pipelines.preflight import check_local_size
 
+    check_local_size(cfg)
     tracking.check_reachable(cfg.resolved_tracking_uri)
     wf = Workflow(cfg, run_name or default_name(cfg))
     print(f"[gan-pipeline] workflow {wf.name} (state: {wf.path})")

@@ -32,3 +32,8 @@ SOURCE_RUN_ID = PREFIX + "source_run_id"
 # sweeps
 STOPPED_EARLY = PREFIX + "stopped_early"
 BEST_RUN_ID = PREFIX + "best_run_id"
+
+# registered model versions: what was registered, byte for byte (pipelines.integrity)
+ARTIFACTS_SHA256 = PREFIX + "artifacts_sha256"  # sha256 of the sha256sum-style listing of every file
+ARTIFACT_FILES = PREFIX + "artifact_files"      # that listing, 16 hex digits per file (which file changed)
+WEIGHTS_SHA256 = PREFIX + "weights_sha256"      # the generator weights (evaluate --model-uri scores the run's copy)

@@ -20,6 +20,7 @@ from typing import Iterable, Optional
 
 from pipelines import tags
 from pipelines.errors import TrackingUnavailable
+from pipelines.secrets import redact_text, redact_uri  # noqa: F401 - redact_uri re-exported for the stages
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail in seconds, before any compute, when the tracking server cannot be reached."""
@@ -123,14 +124,6 @@ def git_commit() -> str:
 _SECRET_MARKERS = ("password", "secret", "token", "key_id", "access_key", "credential")
 
 
-def redact_uri(text: str) -> str:
-    """``scheme://user:password@host/...`` -> ``scheme://***@host/...``; anything else unchanged."""
-    if "://" in text and "@" in text.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = text.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return text
-
-
 def redact(params: dict) -> dict:
     """Never log credentials: URIs with user:password@ lose it, secret-looking keys are masked."""
     out = {}
@@ -139,7 +132,7 @@ def redact(params: dict) -> dict:
         if any(marker in key.lower() for marker in _SECRET_MARKERS):
             text = "***"
         else:
-            text = redact_uri(text)
+            text = redact_text(text)
         out[key] = text
     return out
 

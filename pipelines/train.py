@@ -17,6 +17,7 @@ from pipelines.files import atomic_write
 from pipelines.job import absolute_tracking_uri
 from pipelines.launch import build_trainer, check_storage, finish_run, fit, make_job, storage_root
 from pipelines.prepare import ensure_dataset
+from pipelines.scoring import best_checkpoint, prepare_reference
 
 
 @dataclass
@@ -31,6 +32,9 @@ class TrainResult:
 
 
 def _record_path(cfg: PipelineConfig, run_name: str) -> Path:
+    from pipelines.safety import check_name
+
+    check_name(run_name, "run name")
     return Path(cfg.runs_dir) / "train" / f"{run_name}.json"
 
 
@@ -43,7 +47,14 @@ def _write_record(cfg: PipelineConfig, record: dict) -> None:
 def load_record(cfg: PipelineConfig, run: str) -> dict:
     path = _record_path(cfg, run)
     if path.is_file():
-        return json.loads(path.read_text())
+        try:
+            record = json.loads(path.read_text())
+            if all(key in record for key in ("run_name", "run_id", "data_path", "config")):
+                return record
+        except (ValueError, TypeError):
+            pass
+        raise UserError(f"the run record {path} is damaged or not gan-pipeline's; it cannot be resumed. Start a "
+                        f"new run (another --run-name); the checkpoints of {run!r} are kept")
     known = sorted(p.stem for p in _record_path(cfg, "x").parent.glob("*.json"))
     raise UserError(f"no training run named {run!r} under {path.parent}; known runs: {', '.join(known) or 'none'}. "
                     f"Pass the run name printed at the start of training (and the same --runs-dir).")
@@ -67,6 +78,9 @@ def _new_run(cfg: PipelineConfig, mlflow_client, run_name: str, data_path: str, 
 
 def train_stage(cfg: PipelineConfig, run_name: Optional[str] = None, resume: Optional[str] = None,
                 console_print: Callable[[str], None] = print) -> TrainResult:
+    from pipelines import preflight
+
+    preflight.check_local_size(cfg)
     uri = absolute_tracking_uri(cfg.resolved_tracking_uri)
     tracking.check_reachable(uri)
     mlflow_client = tracking.client(uri)
@@ -87,15 +101,20 @@ def train_stage(cfg: PipelineConfig, run_name: Optional[str] = None, resume: Opt
             step = f"step {checkpoints.safe_load(latest / checkpoints.STATE_FILE)['progress']['step']}"
         console_print(f"[gan-pipeline] resuming {run_name} (MLflow run {run_id}); last checkpoint: {step}")
     else:
-        data_path, manifest = ensure_dataset(cfg)
         run_name = run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if _record_path(cfg, run_name).exists():
             raise UserError(f"a training run named {run_name!r} exists; resume it with --resume {run_name} "
                             f"or choose another --run-name")
+        if "://" not in storage_root(cfg) and (Path(storage_root(cfg)) / run_name).exists():
+            raise UserError(f"checkpoints of a run named {run_name!r} exist in {storage_root(cfg)} (from another "
+                            f"runs folder?); choose another --run-name")
+        data_path, manifest = ensure_dataset(cfg)
+        preflight.check_dataset_fits(cfg, manifest, data_path)
         run_id = _new_run(cfg, mlflow_client, run_name, data_path, manifest)
+        # credentials stay out of the record: a resume takes the tracking URI from its own command line
         _write_record(cfg, {"run_name": run_name, "run_id": run_id, "data_path": data_path,
-                            "storage": storage_root(cfg), "config": cfg.model_dump(mode="json"),
-                            "tracking_uri": uri})
+                            "storage": storage_root(cfg), "config": tracking.redact_config(cfg.model_dump(mode="json")),
+                            "tracking_uri": tracking.redact_uri(uri)})
         console_print(f"[gan-pipeline] training {run_name}: {cfg.model.name} on {manifest['dataset']} "
                       f"with {cfg.train.workers} worker(s); MLflow run {run_id}")
     return run_training(cfg, mlflow_client, uri, run_name, run_id, data_path, manifest, console_print,
@@ -113,10 +132,11 @@ def run_training(cfg: PipelineConfig, mlflow_client, uri: str, run_name: str, ru
     mlflow.set_tracking_uri(uri)
     status = "FAILED"
     try:
+        reference = prepare_reference(cfg, data_path, manifest) if cfg.train.score_checkpoints else None
         with ray_session(cfg.train.address, cpus_needed=cpus, gpus_needed=workers if cfg.train.gpu else 0,
                          env=tracking.worker_env(uri)):
             job = make_job(cfg, data_path=data_path, run_id=run_id, tracking_uri=uri,
-                           resume_from=str(resume_from) if resume_from else None)
+                           resume_from=str(resume_from) if resume_from else None, score_reference=reference)
             trainer = build_trainer(cfg, job, run_name=run_name)
             with _system_metrics(run_id):
                 result = fit(trainer, mlflow_client, run_id)
@@ -128,11 +148,14 @@ def run_training(cfg: PipelineConfig, mlflow_client, uri: str, run_name: str, ru
         if status != "FINISHED":
             mlflow_client.set_terminated(run_id, status=status)
     seconds = time.perf_counter() - start
-    checkpoint_dir = result.checkpoint.path
-    with result.checkpoint.as_directory() as local_dir:  # a local copy where storage is remote
+    best = best_checkpoint(result)
+    checkpoint_dir = best.path
+    with best.as_directory() as local_dir:  # a local copy where storage is remote
         finish_run(mlflow_client, run_id, Path(local_dir), checkpoint_dir, storage_root(cfg), run_name)
+    with result.checkpoint.as_directory() as local_dir:
         steps = checkpoints.safe_load(Path(local_dir) / checkpoints.STATE_FILE)["progress"]["step"]
-    console_print(f"[gan-pipeline] trained {run_name}: {steps} steps in {seconds:.0f}s; MLflow run {run_id}; "
+    chosen = "" if best.path == result.checkpoint.path else f"; best checkpoint: step {checkpoints.checkpoint_step(best.path)}"
+    console_print(f"[gan-pipeline] trained {run_name}: {steps} steps in {seconds:.0f}s{chosen}; MLflow run {run_id}; "
                   f"checkpoints in {Path(checkpoint_dir).parent}")
     return TrainResult(run_name, run_id, checkpoint_dir, int(steps), seconds, data_path, manifest["manifest_hash"])
 

@@ -7,7 +7,12 @@ from gan_models.step import STEP_METRICS
 IMAGES_PER_SECOND = "images_per_second"
 EPOCH = "epoch"
 REPLICA_MAX_ABS_DIFF = "replica_max_abs_diff"
-LOOP_METRICS = (IMAGES_PER_SECOND, EPOCH, REPLICA_MAX_ABS_DIFF)
+# Checkpoint scores (pipelines.scoring): the cheap domain FD of G and of its moving average, and which one the
+# checkpoint exported as its generator.
+CHEAP_FD = "domain_fd_cheap"
+CHEAP_FD_AVERAGE = "domain_fd_cheap_ema"
+EXPORTED_AVERAGE = "exported_average"
+LOOP_METRICS = (IMAGES_PER_SECOND, EPOCH, REPLICA_MAX_ABS_DIFF, CHEAP_FD, CHEAP_FD_AVERAGE, EXPORTED_AVERAGE)
 
 # Logged at every log step; the last step that MLflow holds for it tells how far a run's history goes.
 PROGRESS_METRIC = "g_loss"

@@ -2,16 +2,14 @@
 
 Each trial is a Tune *function* trainable that builds and fits the same ``TorchTrainer`` as ``train``
 (``pipelines.launch``); ``TuneReportCallback`` forwards what the workers report at each checkpoint, including the
-cheap domain Fréchet distance (the ``DomainFDReporter`` loop hook), so ASHA can stop bad trials early. MLflow: one
+cheap domain Fréchet distance (``pipelines.scoring.CheckpointScore``), so ASHA can stop bad trials early. MLflow: one
 parent run for the sweep, one child run per trial; the best trial goes on through ``run``'s evaluate and register
 stages (registered as ``candidate``).
 """
 from __future__ import annotations
 
 import csv
-import functools
 import io
-import math
 import os
 import time
 from pathlib import Path
@@ -20,8 +18,6 @@ from typing import Any, Optional
 from pipelines import tags, tracking
 from pipelines.config import ConfigError, PipelineConfig, config_from_dict, read_yaml
 from pipelines.errors import UserError
-from pipelines.files import absolute_path
-from pipelines.hooks import Hook
 from pipelines.job import absolute_config, absolute_tracking_uri
 
 # Default search spaces per family: (section.key) -> distribution spec. Specs are plain data so that a YAML
@@ -81,69 +77,27 @@ def apply_trial(cfg: PipelineConfig, values: dict[str, Any]) -> PipelineConfig:
     return config_from_dict(dump)
 
 
-class DomainFDReporter(Hook):
-    """Rank 0, at each checkpoint of a trial: the domain Fréchet distance of ``samples`` generated images against
-    real held-out features cached for the sweep, reported to Tune (not logged)."""
-
-    def __init__(self, reference: dict, samples: int):
-        self.reference, self.samples = reference, samples
-
-    def report_metrics(self, loop) -> dict[str, float]:
-        if not loop.is_chief:
-            return {}
-        from gan_models.sampling import evaluation_inputs, generate, to_uint8
-        from pipelines.metrics.distances import frechet_distance_from_features
-
-        classifier, real = _reference_cache(self.reference)
-        gan, n = loop.gan, self.samples
-        z, labels = evaluation_inputs(gan.spec.nz, n, seed=0, num_classes=gan.spec.num_classes if gan.spec.conditional else None)
-        fake = to_uint8(generate(gan.generator, z.to(gan.device), labels.to(gan.device) if labels is not None else None))
-        fd = frechet_distance_from_features(classifier.features(fake).numpy(), real.numpy())
-        return {"domain_fd": fd if math.isfinite(fd) else 1e9}
-
-
-_TRIAL_CACHE: dict[str, Any] = {}
-
-
-def _reference_cache(reference: dict):
-    """The classifier and real features, loaded once per worker process."""
-    import torch
-
-    from pipelines.metrics.classifier import load_classifier
-
-    if reference["weights"] not in _TRIAL_CACHE:
-        classifier = load_classifier(Path(reference["weights"]), Path(reference["sidecar"]))
-        real = torch.load(reference["real_features"], weights_only=True)
-        _TRIAL_CACHE[reference["weights"]] = (classifier, real)
-    return _TRIAL_CACHE[reference["weights"]]
-
-
-def _prepare_reference(cfg: PipelineConfig, data_path: str, manifest: dict) -> dict:
-    """Train (or load) the domain classifier once for the sweep and cache real held-out features."""
-    import torch
-
-    from pipelines.evaluate import domain_classifier
-    from pipelines.data.reader import load_split
-
-    classifier, paths = domain_classifier(cfg, data_path, manifest)
-    images, _ = load_split(data_path, "heldout", limit=cfg.tune.report_samples, seed=cfg.eval.seed)
-    features = classifier.features(torch.from_numpy(images))
-    target = Path(paths[0]).with_name(f"real-features-{manifest['manifest_hash'][:16]}-{len(images)}.pt")
-    torch.save(features.cpu(), target)
-    # read by every trial's rank 0 in its own working directory
-    return {"weights": absolute_path(str(paths[0])), "sidecar": absolute_path(str(paths[1])),
-            "real_features": absolute_path(str(target))}
-
-
 def tune_stage(cfg: PipelineConfig, space_file: Optional[str] = None) -> dict:
+    from pipelines.runs import failed_on_error
+
+    with failed_on_error() as created:
+        return _tune_stage(cfg, space_file, created)
+
+
+def _tune_stage(cfg: PipelineConfig, space_file: Optional[str], created) -> dict:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from pipelines import preflight
     from pipelines.cluster import ray_session
     from pipelines.launch import build_trainer, check_storage, finish_run, fit, make_job, storage_root
     from pipelines.prepare import ensure_dataset
+    from pipelines.scoring import best_checkpoint, prepare_reference
 
+    per_trial = cfg.tune.workers_per_trial
+    concurrent = min(cfg.tune.max_concurrent or max(1, (os.cpu_count() or 1) // per_trial), cfg.tune.samples)
+    preflight.check_local_size(cfg, concurrent * per_trial, "--max-concurrent x --workers-per-trial")
     # trials run in Ray actors with their own working directories: every path is fixed here, in the driver
     cfg = config_from_dict(absolute_config(cfg.model_dump(mode="json")))
     uri = absolute_tracking_uri(cfg.resolved_tracking_uri)
@@ -151,21 +105,20 @@ def tune_stage(cfg: PipelineConfig, space_file: Optional[str] = None) -> dict:
     check_storage(storage_root(cfg))
     space = search_space(cfg, space_file)
     data_path, manifest = ensure_dataset(cfg)
+    preflight.check_dataset_fits(cfg, manifest, data_path, needs_labels="tune (its domain distance)", workers=per_trial)
     mlflow_client = tracking.client(uri)
     sweep = f"tune-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp_id = tracking.experiment_id(mlflow_client, cfg.tracking.experiment)
     parent = mlflow_client.create_run(exp_id, run_name=sweep, tags={tags.STAGE: "tune",
                                                                     tags.MODEL: cfg.model.name})
     parent_id = parent.info.run_id
+    created(mlflow_client, parent_id)
     tracking.log_params(mlflow_client, parent_id, {**cfg.flat(), "data.manifest_hash": manifest["manifest_hash"],
                                                    "tune.space": str(space_file or cfg.tune.space or "default")})
     tracking.log_dataset_input(mlflow_client, parent_id, data_path, manifest, tracking.DATASET_TRAINING)
-    reference = _prepare_reference(cfg, data_path, manifest)
+    # every trial's checkpoints are scored (the metric its scheduler reads), whatever train.score_checkpoints says
+    reference = prepare_reference(cfg, data_path, manifest, samples=cfg.tune.report_samples)
 
-    per_trial = cfg.tune.workers_per_trial
-    cores = os.cpu_count() or 1
-    concurrent = cfg.tune.max_concurrent or max(1, cores // per_trial)
-    concurrent = min(concurrent, cfg.tune.samples)
     checkpoint_every = min(cfg.train.checkpoint_every, cfg.tune.report_every)
     base = cfg.model_copy(deep=True)
     base.train.workers = per_trial
@@ -184,12 +137,13 @@ def tune_stage(cfg: PipelineConfig, space_file: Optional[str] = None) -> dict:
         tracking.log_params(client, child.info.run_id, {**trial_cfg.flat(), "data.manifest_hash": manifest["manifest_hash"]})
         tracking.log_dataset_input(client, child.info.run_id, data_path, manifest, tracking.DATASET_TRAINING)
         job = make_job(trial_cfg, data_path=data_path, run_id=child.info.run_id, tracking_uri=uri,
-                       hook_factories=[functools.partial(DomainFDReporter, reference, cfg.tune.report_samples)])
+                       score_reference=reference)
         trainer = build_trainer(trial_cfg, job, run_name=name, callbacks=[TuneReportCallback()],
                                 storage=f"{storage}/{sweep}")
         result = fit(trainer, client, child.info.run_id)
-        with result.checkpoint.as_directory() as local:
-            finish_run(client, child.info.run_id, Path(local), result.checkpoint.path, f"{storage}/{sweep}", name)
+        best = best_checkpoint(result)
+        with best.as_directory() as local:
+            finish_run(client, child.info.run_id, Path(local), best.path, f"{storage}/{sweep}", name)
 
     steps = cfg.train.max_steps
     # max_t one past the last report: a trial that gets there ends by itself (and records its generator)

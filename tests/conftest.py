@@ -15,6 +15,21 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_classifier_cache(tmp_path_factory):
+    """Every run scores its checkpoints with the dataset's domain classifier: train it once per dataset for the
+    whole session (the cache is keyed by manifest hash), not once per test's runs dir."""
+    from pipelines.evaluate import CLASSIFIER_CACHE_ENV
+
+    before = os.environ.get(CLASSIFIER_CACHE_ENV)
+    os.environ[CLASSIFIER_CACHE_ENV] = str(tmp_path_factory.mktemp("classifiers"))
+    yield os.environ[CLASSIFIER_CACHE_ENV]
+    if before is None:
+        os.environ.pop(CLASSIFIER_CACHE_ENV, None)
+    else:
+        os.environ[CLASSIFIER_CACHE_ENV] = before
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

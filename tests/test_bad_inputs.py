@@ -127,11 +127,11 @@ CASES = [
     ("evaluate-model-unknown-alias", lambda w, d: ["evaluate", "--model-uri", "models:/no-such-model@champion"], 1,
      "registered model models:/no-such-model@champion not found"),
     ("generate-n-0", lambda w, d: ["generate", "--model-uri", "models:/x@champion", "--n", "0", "--out",
-                                   str(w / "g.png")], 1, "--n must be at least 1, got 0"),
+                                   str(w / "g.png")], 2, "--n must be at least 1, got 0"),
     ("generate-format-gif", lambda w, d: ["generate", "--model-uri", "models:/x@champion", "--format", "gif",
                                           "--out", str(w / "g.gif")], 2, "Invalid value for '--format'"),
     ("tune-space-unknown-key", lambda w, d: ["tune", "--space", _yaml(w / "s.yaml", "optim.lrg:\n  uniform: [0, 1]\n"),
-                                             "--max-steps", "2"], 1,
+                                             "--max-steps", "2"], 2,
      "search space key 'optim.lrg' is not a config key"),
 ]
 

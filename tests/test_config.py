@@ -54,7 +54,7 @@ def test_unknown_model_is_a_clear_error():
 def test_dry_run_prints_the_resolved_config():
     result = CliRunner().invoke(cli, ["train", "--model", "wgan", "--dry-run", "--n-critic", "3", "--workers", "4"])
     assert result.exit_code == 0, result.output
-    for expected in ("optimizer: rmsprop", "lr_g: 5.0e-05", "lr_d: 5.0e-05", "clip_value: 0.01", "n_critic: 3",
+    for expected in ("optimizer: rmsprop", "lr_g: 0.001", "lr_d: 0.001", "clip_value: 0.01", "n_critic: 3",
                      "gp_weight: 0.0", "conditional: false", "workers: 4", "resolution:"):
         assert expected in result.output
 

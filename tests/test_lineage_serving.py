@@ -34,21 +34,6 @@ def _client(uri):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def _seed_domain_classifier(cfg, data_path: str) -> None:
-    """Evaluation trains the dataset's domain classifier on 50,000 images (minutes here) unless its cache holds one;
-    the metrics' quality is not under test, so the cache gets one with the same settings trained on 300 images."""
-    from pipelines.data.reader import load_manifest, load_split
-    from pipelines.evaluate import classifier_epochs
-    from pipelines.metrics.classifier import load_or_train_classifier
-
-    manifest = load_manifest(data_path)
-    train_x, train_y = load_split(data_path, "train")
-    held_x, held_y = load_split(data_path, "heldout", limit=300, seed=0)
-    load_or_train_classifier(Path(cfg.runs_dir) / "classifiers", manifest["manifest_hash"], train_x, train_y, held_x,
-                             held_y, num_classes=len(manifest["class_names"]), epochs=classifier_epochs(cfg, manifest),
-                             seed=cfg.eval.seed, max_train=300)
-
-
 @pytest.fixture(scope="module")
 def trained(small_mnist, mlflow_server, tmp_path_factory) -> dict:
     """A 2-step cGAN trained by the CLI, registered (@candidate) and evaluated through that alias."""
@@ -72,7 +57,6 @@ def trained(small_mnist, mlflow_server, tmp_path_factory) -> dict:
         "eval": {"num_samples": 200, "kid_subset_size": 100, "inception": False}})
     cfg.runs_dir = str(work / "runs")
     registered = register_stage(cfg, run.info.run_id)
-    _seed_domain_classifier(cfg, small_mnist)
     evaluate_stage(cfg, model_uri=f"models:/{cfg.registry.name}@candidate", out=str(work / "eval"))
     [evaluation] = client.search_runs([exp.experiment_id], filter_string=f"tags.{tags.STAGE} = 'evaluate'")
     return {"uri": mlflow_server, "data": small_mnist, "experiment": exp, "run": client.get_run(run.info.run_id),
@@ -164,7 +148,7 @@ def test_registered_generator_answers_mlflow_models_serve(trained, tmp_path):
 
 
 def test_sweep_and_its_trials_list_the_dataset_as_training_input(trained):
-    """A one-trial sweep, in the runs directory whose domain classifier the fixture already holds."""
+    """A one-trial sweep (its domain classifier is the session's, trained once: conftest.shared_classifier_cache)."""
     config = trained["work"] / "tune.yaml"
     config.write_text("tune:\n  report_samples: 100\n  report_every: 2\neval:\n  num_samples: 200\n"
                       "  kid_subset_size: 100\n  inception: false\n")

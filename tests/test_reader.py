@@ -124,26 +124,44 @@ def test_verify_detects_modified_shard(copy):
     labels = table.column("label").to_numpy().copy()
     labels[0] = (labels[0] + 1) % 10
     pq.write_table(table.set_column(1, "label", pa.array(labels)), shard)  # valid Parquet, other content
-    load_manifest(str(copy))  # without verify: not read
-    with pytest.raises(DataError, match=r"shard train-00003.parquet hash mismatch.*prepare --force"):
+    # found at the next use, not only with verify=True: sizes and hashes are checked (hashes cached by mtime)
+    with pytest.raises(DataError, match=r"shard train-00003.parquet (size|hash) mismatch.*prepare --force"):
+        load_manifest(str(copy))
+    with pytest.raises(DataError, match=r"shard train-00003.parquet (size|hash) mismatch.*prepare --force"):
         load_manifest(str(copy), verify=True)
+
+
+def _rerecord(copy, name: str) -> None:
+    """Make the manifest vouch for a damaged shard (as if it had been written so), to reach the reader's checks."""
+    import hashlib
+    import json
+
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        if shard["path"] == name:
+            data = (copy / name).read_bytes()
+            shard["sha256"], shard["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_truncated_parquet_named(copy):
     shard = copy / "train-00002.parquet"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    _rerecord(copy, shard.name)
     with pytest.raises(DataError, match=r"train-00002.parquet is not readable Parquet.*prepare --force"):
         TrainReader(str(copy), 0, 1, batch_size=8, seed=0)
 
 
 def test_foreign_parquet_named(copy):
     pq.write_table(pa.table({"a": [1] * 100, "b": ["x"] * 100}), copy / "heldout-00004.parquet")
+    _rerecord(copy, "heldout-00004.parquet")
     with pytest.raises(DataError, match=r"heldout-00004.parquet is foreign Parquet"):
         load_split(str(copy))
 
 
 def test_wrong_row_count_and_missing_shard(copy):
     pq.write_table(pq.read_table(copy / "train-00001.parquet").slice(0, 50), copy / "train-00001.parquet")
+    _rerecord(copy, "train-00001.parquet")
     with pytest.raises(DataError, match=r"train-00001.parquet holds 50 rows, the manifest says 100"):
         load_split(str(copy), "train")
     (copy / "train-00001.parquet").unlink()

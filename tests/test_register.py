@@ -314,3 +314,35 @@ def test_default_name_is_dataset_dash_model():
     assert _default_name(cfg_for("x", "override"), run, {"config": recorded}) == "override"
     run = SimpleNamespace(data=SimpleNamespace(tags={"gan_pipeline.model": "wgan", "gan_pipeline.dataset": "cifar10"}))
     assert _default_name(PipelineConfig(), run, {}) == "cifar10-wgan"
+
+
+def test_edited_artifact_is_refused(mlflow_server, workdir, tmp_path):
+    """An attacker with write access to the artifact store edits the registered model's code: every gan-pipeline
+    command that would load it refuses, naming the file, and the code never runs; the untouched version verifies."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.generate import generate_stage
+    from pipelines.integrity import ARTIFACTS_TAG, verify_stage
+    from pipelines.register import register_stage
+
+    name = f"test-tamper-{uuid.uuid4().hex[:6]}"
+    cfg = cfg_for(mlflow_server, name)
+    reg = register_stage(cfg, make_training_run(mlflow_server, workdir, seed=7))
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    assert len(client.get_model_version(name, reg["version"]).tags[ARTIFACTS_TAG]) == 64
+    assert verify_stage(cfg, f"{name}@candidate")["files"] >= 5
+
+    marker = tmp_path / "PWNED"
+    edited = tmp_path / "generator_model.py"
+    edited.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+                      + (Path(__file__).resolve().parents[1] / "pipelines/model_code/generator_model.py").read_text())
+    repo = get_artifact_repository(client.get_model_version_download_uri(name, reg["version"]))
+    repo.log_artifact(str(edited))  # replaces the registered generator_model.py in the store
+
+    for attempt in (lambda: verify_stage(cfg, f"{name}@candidate"),
+                    lambda: generate_stage(cfg, model_uri=f"models:/{name}@candidate", n=2,
+                                           out=str(tmp_path / "g.png"))):
+        with pytest.raises(UserError, match=r"does not match its registration.*generator_model\.py"):
+            attempt()
+    assert not marker.exists() and not (tmp_path / "g.png").exists()

@@ -86,9 +86,11 @@ def test_local_ray_dashboard_binds_loopback(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4})
-    with cluster.ray_session(None, cpus_needed=1):
-        pass
+    with cluster.ray_session(None, cpus_needed=1, env={"MLFLOW_TRACKING_PASSWORD": "pw"}):
+        assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "pw"  # inherited by the local workers
     assert seen["dashboard_host"] == "127.0.0.1" and seen["address"] == "local"
+    assert seen["_node_ip_address"] == "127.0.0.1"
+    assert "runtime_env" not in seen  # Ray writes runtime_env env_vars in clear to its session logs
 
 
 def test_redact_params_and_configs():

@@ -10,7 +10,6 @@ copies of that array, so reading costs microseconds per batch.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Iterator, Optional
 
 import numpy as np
@@ -25,7 +24,8 @@ _REQUIRED = ("shards", "resolution", "channels", "counts", "class_names")
 
 
 def load_manifest(path_or_uri: str, verify: bool = False) -> dict:
-    """The dataset's manifest. ``verify=True`` also recomputes every shard's sha256 (reads all shards)."""
+    """The dataset's manifest, its shards checked (``pipelines.integrity.verify_shards``: inside the dataset, size
+    and sha256, hashes cached by mtime). ``verify=True`` recomputes every sha256, cache or not."""
     fs, root = resolve(path_or_uri)
     manifest = read_manifest_file(fs, root)
     if manifest is None:
@@ -37,22 +37,9 @@ def load_manifest(path_or_uri: str, verify: bool = False) -> dict:
     if missing:
         raise DataError(f"{join(root, MANIFEST_NAME)} lacks {', '.join(missing)}; not a gan-pipeline manifest - "
                         f"re-run gan-pipeline prepare --force")
-    if verify:
-        for shard in manifest["shards"]:
-            path = join(root, shard["path"])
-            h = hashlib.sha256()
-            try:
-                with fs.open_input_stream(path) as f:
-                    while chunk := f.read(1 << 22):
-                        h.update(chunk)
-            except FileNotFoundError:
-                raise DataError(f"shard {shard['path']} is missing from {path_or_uri}; "
-                                f"re-run gan-pipeline prepare --force") from None
-            if h.hexdigest() != shard["sha256"]:
-                raise DataError(
-                    f"shard {shard['path']} hash mismatch: sha256 {h.hexdigest()[:16]}... but the manifest records "
-                    f"{shard['sha256'][:16]}...; the file was modified or damaged - re-run gan-pipeline prepare --force"
-                )
+    from pipelines.integrity import verify_shards
+
+    verify_shards(fs, root, manifest, str(path_or_uri), full=verify)
     return manifest
 
 

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import sys
 import time
 import uuid
@@ -195,9 +196,14 @@ def build_key(source: Source, data) -> str:
 
 
 def _shards_present(fs, root: str, manifest: dict) -> bool:
-    infos = fs.get_file_info([join(root, s["path"]) for s in manifest.get("shards", [])])
-    return all(i.type == pafs.FileType.File and i.size == s.get("bytes", i.size)
-               for i, s in zip(infos, manifest.get("shards", [])))
+    """Every shard there, inside the dataset, with its recorded size and sha256 (cached by mtime)."""
+    from pipelines.integrity import IntegrityError, verify_shards
+
+    try:
+        verify_shards(fs, root, manifest, root)
+    except IntegrityError:
+        return False
+    return True
 
 
 def write_dataset(source: Source, data, out: str, force: bool = False, console=None) -> tuple[dict, bool]:
@@ -205,13 +211,20 @@ def write_dataset(source: Source, data, out: str, force: bool = False, console=N
     if console is None:
         from rich.console import Console
         console = Console(stderr=True)
+    from pipelines.safety import check_dataset_folder
+
     fs, final = resolve(out)
-    key = build_key(source, data)  # also verifies checksums (MNIST) before anything is written
-    existing = read_manifest_file(fs, final)
-    if existing is not None and not force and existing.get("build_key") == key and _shards_present(fs, final, existing):
-        return existing, True
     if _exists(fs, final) and fs.get_file_info(final).type != pafs.FileType.Directory:
         raise DataError(f"output {out} exists and is not a folder; choose another --out")
+    try:
+        existing = read_manifest_file(fs, final)
+    except DataError:
+        existing = None  # unreadable: not provably gan-pipeline's, so check_dataset_folder refuses it
+    entries = {i.base_name for i in fs.get_file_info(pafs.FileSelector(final, allow_not_found=True))}
+    check_dataset_folder(entries, existing, f"output folder {out}")  # before anything is read, moved or deleted
+    key = build_key(source, data)  # also verifies checksums (MNIST) before anything is written
+    if existing is not None and not force and existing.get("build_key") == key and _shards_present(fs, final, existing):
+        return existing, True
 
     rename = fs.type_name not in NO_RENAME_FILESYSTEMS
     parent, name = posixpath.dirname(final.rstrip("/")), posixpath.basename(final.rstrip("/"))
@@ -220,7 +233,8 @@ def write_dataset(source: Source, data, out: str, force: bool = False, console=N
             fs.create_dir(parent, recursive=True)
         prefix = f".{name}.tmp-"
         for info in fs.get_file_info(pafs.FileSelector(parent or "/", allow_not_found=True)):
-            if info.base_name.startswith(prefix):  # left by a killed earlier prepare of the same output
+            # left by a killed earlier prepare of the same output: exactly the names this function makes
+            if info.base_name.startswith(prefix) and re.fullmatch(r"[0-9a-f]{6,32}", info.base_name[len(prefix):]):
                 fs.delete_dir(info.path)
         work = posixpath.join(parent, f"{prefix}{uuid.uuid4().hex[:12]}")
         fs.create_dir(work, recursive=True)

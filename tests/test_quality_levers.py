@@ -1,0 +1,159 @@
+"""The levers behind good generators by default, each pinned on its own (no Ray, no MLflow server): the moving
+average of G, the time budget, checkpoint scoring and best-checkpoint selection, precision ``auto``, the global
+batch. Quality numbers live in benchmarks/bench_quality.py, not here."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from gan_models import GANSpec, build_gan, train_step
+from gan_models.ema import GeneratorEMA
+from gan_models.performance import default_precision
+from pipelines.config import ConfigError, build_config, parse_duration
+from pipelines.hooks import GeneratorAverage, LoopState, TimeBudget
+from pipelines.scoring import CHECKPOINT_SCORE, CheckpointScore, best_checkpoint
+from tests.helpers import constant_batches
+
+
+def _gan():
+    return build_gan(GANSpec(resolution=28, channels=1, nz=8, ngf=8, ndf=8), seed=0)
+
+
+def _loop(gan, **kw):
+    args = dict(gan=gan, rank=0, world=1, total_steps=None, checkpoint_every=5, log_every=2, sample_every=3, seed=0)
+    args.update(kw)
+    return LoopState(**args)
+
+
+def test_moving_average_differs_from_g_and_follows_it():
+    gan = _gan()
+    ema = GeneratorEMA(gan.generator, half_life_images=64, rampup=None)
+    batches = constant_batches(8, 1, 28)
+    for _ in range(5):
+        train_step(gan, batches)
+        ema.update(gan.generator, images=8)
+    trained = dict(gan.generator.named_parameters())
+    averaged = dict(ema.module.named_parameters())
+    assert any(not torch.equal(trained[k], averaged[k]) for k in trained), "the average is not G itself"
+    # one more update with decay 0.5 ** (8 / 64): each weight moves 1 - decay of the way towards G's
+    before = {k: v.detach().clone() for k, v in averaged.items()}
+    train_step(gan, batches)
+    ema.update(gan.generator, images=8)
+    decay = 0.5 ** (8 / 64)
+    for k, v in averaged.items():
+        torch.testing.assert_close(v, decay * before[k] + (1 - decay) * trained[k].detach())
+
+
+def test_moving_average_ramps_up_and_survives_a_checkpoint():
+    gan = _gan()
+    ema = GeneratorEMA(gan.generator, half_life_images=10_000, rampup=0.05)
+    ema.images_seen = 100
+    assert ema.decay(8) == pytest.approx(0.5 ** (8 / 5.0))  # early on the horizon is 5% of the images seen
+    ema.update(gan.generator, 8)
+    restored = GeneratorEMA(_gan().generator, half_life_images=10_000)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.images_seen == ema.images_seen
+    for a, b in zip(restored.module.state_dict().values(), ema.module.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_time_budget_stops_at_the_deadline_and_resumes_with_what_is_left():
+    now = [0.0]
+    budget = TimeBudget(60, clock=lambda: now[0])
+    loop = _loop(_gan())
+    now[0] = 59.0
+    budget.on_step(loop, {})
+    assert loop.stop_reason is None
+    now[0] = 60.5
+    budget.on_step(loop, {})
+    assert "time budget" in loop.stop_reason
+    # a run resumed after 40 s of training has 20 s left
+    now[0] = 1000.0
+    resumed = TimeBudget(60, clock=lambda: now[0])
+    resumed.load_state_dict({"spent": 40.0})
+    loop2 = _loop(_gan())
+    now[0] = 1019.0
+    resumed.on_step(loop2, {})
+    assert loop2.stop_reason is None
+    now[0] = 1020.5
+    resumed.on_step(loop2, {})
+    assert loop2.stop_reason is not None
+
+
+
+def test_checkpoint_exports_the_better_of_g_and_its_average(monkeypatch):
+    gan = _gan()
+    loop = _loop(gan)
+    average = GeneratorAverage(gan, half_life_images=100, images_per_step=8)
+    scores = iter([12.0, 9.0, 7.0, 11.0])  # checkpoint 1: average better; checkpoint 2: G better
+    monkeypatch.setattr("pipelines.scoring.cheap_fd", lambda *a, **k: next(scores))
+    hook = CheckpointScore(reference={}, average=average)
+    values = hook.checkpoint_metrics(loop)
+    assert loop.exported_generator is average.module and values["exported_average"] == 1.0
+    assert hook.report_metrics(loop) == {CHECKPOINT_SCORE: 9.0}
+    values = hook.checkpoint_metrics(loop)
+    assert loop.exported_generator is None and values["exported_average"] == 0.0
+    assert hook.report_metrics(loop) == {CHECKPOINT_SCORE: 7.0}
+    # other ranks neither score nor report
+    assert hook.checkpoint_metrics(_loop(gan, rank=1)) == {} and hook.report_metrics(_loop(gan, rank=1)) == {}
+
+
+def test_best_checkpoint_is_the_lowest_score_not_the_last():
+    latest = SimpleNamespace(path="/c/checkpoint_00000600")
+    best = SimpleNamespace(path="/c/checkpoint_00000400")
+    result = SimpleNamespace(checkpoint=latest, best_checkpoints=[
+        (SimpleNamespace(path="/c/checkpoint_00000200"), {CHECKPOINT_SCORE: 30.0}),
+        (best, {CHECKPOINT_SCORE: 8.5}), (latest, {CHECKPOINT_SCORE: 9.1})])
+    assert best_checkpoint(result) is best
+    unscored = SimpleNamespace(checkpoint=latest, best_checkpoints=[(latest, {"step": 600})])
+    assert best_checkpoint(unscored) is latest
+
+
+def test_written_checkpoint_holds_the_exported_generator(tmp_path):
+    from pipelines import checkpoints
+
+    gan = _gan()
+    other = _gan().generator
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    checkpoints.write_checkpoint(tmp_path, gan, {"step": 1, "epoch": 0, "batch_in_epoch": 1}, {}, [], {},
+                                 generator=other)
+    saved = torch.load(tmp_path / checkpoints.GENERATOR_FILE, weights_only=True)
+    state = torch.load(tmp_path / checkpoints.STATE_FILE, weights_only=True)
+    for key, value in other.state_dict().items():
+        assert torch.equal(saved[key], value)
+        assert torch.equal(state["generator"][key], gan.generator.state_dict()[key]), "training state stays G's"
+
+
+@pytest.mark.parametrize("text,seconds", [("450", 450), ("90s", 90), ("8m", 480), ("1h30m", 5400),
+                                          ("7m30s", 450)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+def test_time_budget_is_the_default_limit_unless_epochs_or_steps_are_given():
+    assert build_config("wgan").train.resolved_time_budget == 450
+    assert build_config("wgan", overrides={"train": {"max_steps": 10}}).train.resolved_time_budget is None
+    assert build_config("wgan", overrides={"train": {"epochs": 1}}).train.resolved_time_budget is None
+    assert build_config("wgan", overrides={"train": {"time_budget": "2m", "epochs": 1}}).train.resolved_time_budget == 120
+    with pytest.raises(ConfigError, match="not a duration"):
+        build_config("wgan", overrides={"train": {"time_budget": "soon"}})
+
+
+def test_batch_is_global_and_split_across_workers():
+    cfg = build_config("wgan", overrides={"train": {"workers": 4}})
+    assert cfg.train.batch_size == 64 and cfg.train.batch_per_worker() == 16
+    with pytest.raises(ConfigError, match="split evenly"):
+        build_config("wgan", overrides={"train": {"workers": 3}})
+
+
+def test_precision_auto_follows_the_hardware(monkeypatch):
+    monkeypatch.setattr("gan_models.performance.cpu_flags", lambda: ("cpu", {"avx2", "avx512_bf16"}))
+    assert default_precision("cpu") == "bf16"
+    monkeypatch.setattr("gan_models.performance.cpu_flags", lambda: ("cpu", {"avx2"}))
+    assert default_precision("cpu") == "fp32"
+    assert build_config("dcgan").gan_spec(28, 1, 10).precision == "fp32"
+    assert build_config("dcgan", overrides={"train": {"precision": "bf16"}}).gan_spec(28, 1, 10).precision == "bf16"
