@@ -5,6 +5,7 @@ import contextlib
 import os
 from typing import Iterator, Optional
 
+from pipelines import cluster_auth
 from pipelines.errors import UserError
 
 
@@ -36,11 +37,11 @@ def ray_session(address: Optional[str], cpus_needed: int, gpus_needed: int = 0,
         # a remote cluster's workers do not share this process's environment: runtime_env is the only way there
         # (Ray's runtime-env agent on the cluster logs it; see docs/reliability.md, Security)
         runtime_env = {"env_vars": dict(env or {})}
+        cluster_auth.use_user_token()
         try:
             ray.init(address=address, runtime_env=runtime_env, **quiet)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ClusterError(f"cannot join the Ray cluster at {address!r}: {exc}. Is `ray start --head` running "
-                               f"there, and is the address right (auto, host:6379, ray://host:10001)?") from None
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as exc:
+            raise ClusterError(cluster_auth.join_failure(address, exc)) from None
     else:
         gpus = None
         if gpus_needed:

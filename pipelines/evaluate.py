@@ -156,7 +156,7 @@ def evaluate_stage(cfg: PipelineConfig, run_id: Optional[str] = None, checkpoint
         from pipelines.runs import failed_on_error
 
         with failed_on_error() as created:  # an evaluation run it creates ends FAILED if logging fails
-            _log(mlflow_client, run_id, metrics, out_dir, cfg, model_uri, classifier, created)
+            _log(mlflow_client, run_id, metrics, out_dir, cfg, model_uri, classifier, data_path, manifest, created)
     _print_metrics(metrics, out_dir)
     return metrics
 
@@ -188,7 +188,7 @@ def _write_outputs(out_dir: Path, metrics: dict, fake: torch.Tensor, spec, gener
 
 
 def _log(mlflow_client, run_id: str, metrics: dict, out_dir: Path, cfg: PipelineConfig, model_uri, classifier,
-         created=lambda client, run_id: None) -> None:
+         data_path: str, manifest: dict, created=lambda client, run_id: None) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -208,6 +208,8 @@ def _log(mlflow_client, run_id: str, metrics: dict, out_dir: Path, cfg: Pipeline
             "eval.reference": "heldout split"}
     for key, value in eval_tags.items():
         mlflow_client.set_tag(target, key, value)
+    # on a training run that already lists this dataset (as training data) MLflow keeps the first record
+    tracking.log_dataset_input(mlflow_client, target, data_path, manifest, tracking.DATASET_EVALUATION)
     for name in ("metrics.json", "samples.png", "class_grid.png"):
         if (out_dir / name).exists():
             mlflow_client.log_artifact(target, str(out_dir / name), artifact_path="evaluation")

@@ -60,8 +60,6 @@ def _load(model_uri: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        from pipelines.model_code import quiet_type_hint_warning
-
         source = model_uri
         if model_uri.startswith("models:/"):  # verified against its registration before its code runs
             import tempfile
@@ -71,8 +69,7 @@ def _load(model_uri: str):
             keep = tempfile.TemporaryDirectory(prefix="gan-generate-")
             _VERIFIED_COPIES.append(keep)  # the loaded model imports from it: kept until the process ends
             source = str(download_verified(mlflow.tracking.MlflowClient(), model_uri, keep.name))
-        with quiet_type_hint_warning():
-            return mlflow.pyfunc.load_model(source)
+        return mlflow.pyfunc.load_model(source)
     except MlflowException as exc:
         raise UserError(f"cannot load model {model_uri!r}: {exc.message} "
                         f"(list models with: gan-pipeline models list / models show NAME)") from None

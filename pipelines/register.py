@@ -95,13 +95,6 @@ def _default_name(cfg: PipelineConfig, run, run_config: dict) -> str:
 
 def _log_on_run(mlflow, client, run, **log_kwargs):
     """Log the model on the (usually finished) training run, leaving the run's status and end time as they were."""
-    from pipelines.model_code import quiet_type_hint_warning
-
-    with quiet_type_hint_warning():
-        return _log_on_run_inner(mlflow, client, run, **log_kwargs)
-
-
-def _log_on_run_inner(mlflow, client, run, **log_kwargs):
     run_id = run.info.run_id
     active = mlflow.active_run()
     if active is not None and active.info.run_id == run_id:

@@ -1,4 +1,4 @@
-"""MLflow tag names that gan-pipeline sets on runs and model versions: the one place they are spelled.
+"""MLflow tag names that gan-pipeline sets on experiments, runs and model versions: the one place they are spelled.
 
 Stages set them and read them back (``evaluate`` finds the source run, ``tune`` finds its best trial,
 ``register`` copies the model and dataset); tests and users filter on them (``tags.gan_pipeline.stage``).
@@ -6,6 +6,11 @@ Stages set them and read them back (``evaluate`` finds the source run, ``tune`` 
 from __future__ import annotations
 
 PREFIX = "gan_pipeline."
+
+# on every experiment the pipeline creates or uses: MLflow's UI opens a "custom model development" experiment
+# on its training runs instead of its GenAI overview (traces, token usage)
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_TRAINING = "custom_model_development"
 
 # on every run the pipeline creates
 STAGE = PREFIX + "stage"            # train | tune | tune-trial | evaluate

@@ -9,6 +9,7 @@ them if MLflow does not have them yet.
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import time
@@ -17,6 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterable, Optional
 
+from pipelines import tags
 from pipelines.errors import TrackingUnavailable
 from pipelines.secrets import redact_text, redact_uri  # noqa: F401 - redact_uri re-exported for the stages
 
@@ -62,10 +64,52 @@ def client(uri: str):
 
 
 def experiment_id(mlflow_client, name: str) -> str:
+    """The experiment ``name`` (created if absent), marked as a training experiment for MLflow's UI; a kind
+    someone else set on an existing experiment is theirs and stays."""
     experiment = mlflow_client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return mlflow_client.create_experiment(name)
+    if experiment is None:
+        return mlflow_client.create_experiment(name, tags={tags.EXPERIMENT_KIND: tags.EXPERIMENT_KIND_TRAINING})
+    if tags.EXPERIMENT_KIND not in experiment.tags:
+        mlflow_client.set_experiment_tag(experiment.experiment_id, tags.EXPERIMENT_KIND, tags.EXPERIMENT_KIND_TRAINING)
+    return experiment.experiment_id
+
+
+# how a run used its dataset (MLflow's dataset input context, shown and filterable in the runs table)
+DATASET_TRAINING = "training"
+DATASET_EVALUATION = "evaluation"
+# MLflow keeps at most 36 characters of a dataset digest; 32 hex characters of the manifest hash identify it
+DATASET_DIGEST_CHARS = 32
+
+
+def dataset_entity(data_path: str, manifest: dict):
+    """The prepared dataset as an MLflow dataset: name, digest (the manifest hash), where it lies, its columns
+    and row counts. Built from the manifest alone: nothing is read from the shards."""
+    import pyarrow as pa
+    from mlflow.entities import Dataset
+    from mlflow.types import ColSpec, DataType, Schema
+
+    from pipelines.data.store import SCHEMA
+
+    arrow_to_mlflow = {pa.binary(): DataType.binary, pa.int64(): DataType.long, pa.string(): DataType.string}
+    schema = Schema([ColSpec(arrow_to_mlflow[field.type], field.name) for field in SCHEMA])
+    counts = manifest.get("counts", {})
+    scheme = data_path.split("://", 1)[0] if "://" in data_path else "file"
+    profile = {"num_rows": sum(counts.values()), **{f"{split}_rows": rows for split, rows in counts.items()},
+               "classes": len(manifest.get("class_names") or []), "resolution": manifest.get("resolution"),
+               "channels": manifest.get("channels"), "manifest_hash": manifest["manifest_hash"]}
+    return Dataset(name=manifest["dataset"], digest=manifest["manifest_hash"][:DATASET_DIGEST_CHARS],
+                   source_type="local" if scheme == "file" else scheme, source=json.dumps({"uri": data_path}),
+                   schema=json.dumps({"mlflow_colspec": schema.to_dict()}), profile=json.dumps(profile))
+
+
+def log_dataset_input(mlflow_client, run_id: str, data_path: str, manifest: dict, context: str) -> None:
+    """Record that run ``run_id`` used the prepared dataset for ``context`` (``DATASET_TRAINING`` or
+    ``DATASET_EVALUATION``): the runs table's Datasets column and filter then show it."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    mlflow_client.log_inputs(run_id, datasets=[DatasetInput(dataset_entity(data_path, manifest),
+                                                            tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
 
 def git_commit() -> str:

@@ -72,6 +72,7 @@ def _new_run(cfg: PipelineConfig, mlflow_client, run_name: str, data_path: str, 
                    "package_version": package_version(), "git_commit": tracking.git_commit()})
     tracking.log_params(mlflow_client, run_id, params)
     mlflow_client.log_dict(run_id, tracking.redact_config(cfg.model_dump(mode="json")), "config.json")
+    tracking.log_dataset_input(mlflow_client, run_id, data_path, manifest, tracking.DATASET_TRAINING)
     return run_id
 
 

@@ -115,6 +115,7 @@ def _tune_stage(cfg: PipelineConfig, space_file: Optional[str], created) -> dict
     created(mlflow_client, parent_id)
     tracking.log_params(mlflow_client, parent_id, {**cfg.flat(), "data.manifest_hash": manifest["manifest_hash"],
                                                    "tune.space": str(space_file or cfg.tune.space or "default")})
+    tracking.log_dataset_input(mlflow_client, parent_id, data_path, manifest, tracking.DATASET_TRAINING)
     # every trial's checkpoints are scored (the metric its scheduler reads), whatever train.score_checkpoints says
     reference = prepare_reference(cfg, data_path, manifest, samples=cfg.tune.report_samples)
 
@@ -134,6 +135,7 @@ def _tune_stage(cfg: PipelineConfig, space_file: Optional[str], created) -> dict
                                                                tags.MODEL: trial_cfg.model.name,
                                                                tags.RUN_NAME: name})
         tracking.log_params(client, child.info.run_id, {**trial_cfg.flat(), "data.manifest_hash": manifest["manifest_hash"]})
+        tracking.log_dataset_input(client, child.info.run_id, data_path, manifest, tracking.DATASET_TRAINING)
         job = make_job(trial_cfg, data_path=data_path, run_id=child.info.run_id, tracking_uri=uri,
                        score_reference=reference)
         trainer = build_trainer(trial_cfg, job, run_name=name, callbacks=[TuneReportCallback()],

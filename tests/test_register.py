@@ -1,7 +1,7 @@
 """Registry against a real MLflow server: register (pickle-free pyfunc) -> alias -> guarded promote -> load by
-alias in a fresh process with pickle disabled -> generate -> serve; plus the errors a user can run into.
+alias in a fresh process with pickle disabled -> generate; plus the errors a user can run into.
 
-Training runs are faked without Ray: a tiny generator's state_dict and config.json logged as a finished run's
+(Serving a trained model: test_lineage_serving.py.) Training runs are faked without Ray: a tiny generator's state_dict and config.json logged as a finished run's
 ``generator/`` artifacts, exactly what ``pipelines.train.finish_run`` leaves.
 """
 from __future__ import annotations
@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -23,7 +22,6 @@ import torch
 from gan_models import GANSpec, build_gan
 from pipelines.config import PipelineConfig, TrackingConfig, build_config
 from pipelines.errors import UserError
-from tests.conftest import free_port, stop_process, wait_http
 
 
 pytestmark = pytest.mark.integration
@@ -217,34 +215,6 @@ def test_generate_with_label_and_cycling(flow, tmp_path):
     with Image.open(strip) as img:
         assert img.size == (2 + 5 * 30, 2 + 30)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
-
-
-def test_serving_answers_one_request(flow, tmp_path):
-    port = free_port()
-    # the server runs `uvicorn` through the shell: the virtual environment's bin must be on PATH
-    env = dict(os.environ, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false", MLFLOW_TRACKING_URI=flow["uri"],
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    mlflow_exe = str(Path(sys.executable).with_name("mlflow"))
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([mlflow_exe, "models", "serve", "-m", f"models:/{flow['name']}@candidate",
-                             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "-w", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
-    try:
-        try:
-            wait_http(f"http://127.0.0.1:{port}/ping", timeout=60, proc=proc, what="mlflow models serve")
-        except RuntimeError as exc:
-            pytest.fail(f"{exc}\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
-        z = np.random.default_rng(0).standard_normal((3, NZ)).astype(np.float32)
-        body = json.dumps({"inputs": {"z": z.tolist(), "label": [1, 4, 8]}}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            predictions = np.asarray(json.loads(response.read())["predictions"], dtype=np.float32)
-        assert predictions.shape == (3, 1, 28, 28)
-        assert predictions.min() >= -1.0 and predictions.max() <= 1.0
-    finally:
-        stop_process(proc)
-        log.close()
 
 
 def test_cli_models_list_and_show(flow):
