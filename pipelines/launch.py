@@ -102,9 +102,11 @@ def fit(trainer, mlflow_client, run_id: str):
     return result
 
 
-def finish_run(mlflow_client, run_id: str, ckpt: Path, checkpoint_uri: str, storage: str, run_name: str) -> None:
-    """Generator weights + config as run artifacts (what evaluate/register read), a loss-curve figure,
-    where the checkpoints are, and the run marked finished."""
+def finish_run(mlflow_client, run_id: str, ckpt: Path, checkpoint_uri: str, storage: str, run_name: str,
+               generator_checkpoint: Optional[str] = None) -> None:
+    """Generator weights + config as run artifacts (what evaluate/register read) from ``ckpt`` (the best
+    checkpoint, ``generator_checkpoint``), a loss-curve figure, where the checkpoints are (``checkpoint_uri``: the
+    latest, to resume from), and the run marked finished."""
     for name in (checkpoints.GENERATOR_FILE, checkpoints.CONFIG_FILE):
         mlflow_client.log_artifact(run_id, str(ckpt / name), artifact_path=checkpoints.GENERATOR_ARTIFACT_DIR)
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,5 +114,6 @@ def finish_run(mlflow_client, run_id: str, ckpt: Path, checkpoint_uri: str, stor
         curve.write_bytes(tracking.loss_curve_png(mlflow_client, run_id))
         mlflow_client.log_artifact(run_id, str(curve))
     mlflow_client.set_tag(run_id, tags.CHECKPOINT_DIR, checkpoint_uri)
+    mlflow_client.set_tag(run_id, tags.GENERATOR_CHECKPOINT, generator_checkpoint or checkpoint_uri)
     mlflow_client.set_tag(run_id, tags.STORAGE, f"{storage}/{run_name}")
     mlflow_client.set_terminated(run_id, status="FINISHED")

@@ -20,6 +20,7 @@ RUN_NAME = PREFIX + "run_name"
 
 # training runs: written by the driver when a run finishes, or by the loop
 CHECKPOINT_DIR = PREFIX + "checkpoint_dir"
+GENERATOR_CHECKPOINT = PREFIX + "generator_checkpoint"  # the (best) checkpoint the run's generator came from
 STORAGE = PREFIX + "storage"
 DIVERGED = PREFIX + "diverged"
 RESTARTS = PREFIX + "restarts"

@@ -150,9 +150,10 @@ def run_training(cfg: PipelineConfig, mlflow_client, uri: str, run_name: str, ru
             mlflow_client.set_terminated(run_id, status=status)
     seconds = time.perf_counter() - start
     best = best_checkpoint(result)
-    checkpoint_dir = best.path
+    checkpoint_dir = result.checkpoint.path
     with best.as_directory() as local_dir:  # a local copy where storage is remote
-        finish_run(mlflow_client, run_id, Path(local_dir), checkpoint_dir, storage_root(cfg), run_name)
+        finish_run(mlflow_client, run_id, Path(local_dir), checkpoint_dir, storage_root(cfg), run_name,
+                   generator_checkpoint=best.path)
     with result.checkpoint.as_directory() as local_dir:
         steps = checkpoints.safe_load(Path(local_dir) / checkpoints.STATE_FILE)["progress"]["step"]
     chosen = "" if best.path == result.checkpoint.path else f"; best checkpoint: step {checkpoints.checkpoint_step(best.path)}"

@@ -143,7 +143,8 @@ def _tune_stage(cfg: PipelineConfig, space_file: Optional[str], created) -> dict
         result = fit(trainer, client, child.info.run_id)
         best = best_checkpoint(result)
         with best.as_directory() as local:
-            finish_run(client, child.info.run_id, Path(local), best.path, f"{storage}/{sweep}", name)
+            finish_run(client, child.info.run_id, Path(local), result.checkpoint.path, f"{storage}/{sweep}", name,
+                       generator_checkpoint=best.path)
 
     steps = cfg.train.max_steps
     # max_t one past the last report: a trial that gets there ends by itself (and records its generator)

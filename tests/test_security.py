@@ -114,7 +114,7 @@ def test_new_run_records_no_credentials(monkeypatch):
         def get_experiment_by_name(self, name):
             return None
 
-        def create_experiment(self, name):
+        def create_experiment(self, name, tags=None):
             return "1"
 
         def create_run(self, exp, run_name, tags):
@@ -125,6 +125,9 @@ def test_new_run_records_no_credentials(monkeypatch):
 
         def log_dict(self, run_id, d, name):
             logged["dicts"].append(d)
+
+        def log_inputs(self, run_id, datasets=None, models=None):
+            logged["dicts"].extend(str(d) for d in datasets or ())
 
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw-SECRET")
     cfg = build_config(overrides={"tracking": {"tracking_uri": "https://bob:pw-SECRET@mlflow.example"}})
