@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from pipelines.files import absolute_path
+from pipelines.files import absolute_path, atomic_write
 from pipelines.hooks import Hook, LoopState
 from pipelines.training_metrics import CHEAP_FD, CHEAP_FD_AVERAGE, EXPORTED_AVERAGE
 
@@ -41,8 +41,6 @@ def prepare_reference(cfg, data_path: str, manifest: dict, samples: Optional[int
     target = Path(paths[0]).with_name(f"real-features-{manifest['manifest_hash'][:16]}-{samples}-{cfg.eval.seed}.pt")
     if not target.is_file():
         images, _ = load_split(data_path, "heldout", limit=samples, seed=cfg.eval.seed)
-        from pipelines.files import atomic_write
-
         features = classifier.features(torch.from_numpy(images)).cpu()
         atomic_write(target, lambda f: torch.save(features, f))
     return {"weights": absolute_path(str(paths[0])), "sidecar": absolute_path(str(paths[1])),

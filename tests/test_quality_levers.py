@@ -59,28 +59,25 @@ def test_moving_average_ramps_up_and_survives_a_checkpoint():
         assert torch.equal(a, b)
 
 
+def _stopped_at(budget: TimeBudget, now: list, at: float) -> bool:
+    """Whether the budget asks a fresh loop to stop when the clock reads ``at``."""
+    loop = _loop(_gan())
+    now[0] = at
+    budget.on_step(loop, {})
+    return loop.stop_reason is not None and "time budget" in loop.stop_reason
+
+
 def test_time_budget_stops_at_the_deadline_and_resumes_with_what_is_left():
     now = [0.0]
     budget = TimeBudget(60, clock=lambda: now[0])
-    loop = _loop(_gan())
-    now[0] = 59.0
-    budget.on_step(loop, {})
-    assert loop.stop_reason is None
-    now[0] = 60.5
-    budget.on_step(loop, {})
-    assert "time budget" in loop.stop_reason
+    assert not _stopped_at(budget, now, 59.0)
+    assert _stopped_at(budget, now, 60.5)
     # a run resumed after 40 s of training has 20 s left
     now[0] = 1000.0
     resumed = TimeBudget(60, clock=lambda: now[0])
     resumed.load_state_dict({"spent": 40.0})
-    loop2 = _loop(_gan())
-    now[0] = 1019.0
-    resumed.on_step(loop2, {})
-    assert loop2.stop_reason is None
-    now[0] = 1020.5
-    resumed.on_step(loop2, {})
-    assert loop2.stop_reason is not None
-
+    assert not _stopped_at(resumed, now, 1019.0)
+    assert _stopped_at(resumed, now, 1020.5)
 
 
 def test_checkpoint_exports_the_better_of_g_and_its_average(monkeypatch):
