@@ -164,18 +164,35 @@ class TimeBudget(Hook):
 
 class LearningRateDecay(Hook):
     """``gan_models.schedule`` at every log step, from ``loop.progress`` (agreed across ranks, so replicas keep
-    identical rates). The optimizers' state in the checkpoint holds the current rates, so a resumed run goes on
-    from them."""
+    identical rates). The progress goes into the checkpoint: a resumed run starts from the rates it stopped at, the
+    same on every rank (a clock read at resume would differ a little between ranks, and so would their updates)."""
+
+    state_key = "lr_decay"
 
     def __init__(self, decay_from: float, final_scale: float):
         self.decay_from, self.final_scale = decay_from, final_scale
+        self.progress = 0.0
 
-    def on_log(self, loop: LoopState, values: dict[str, float]) -> None:
+    def apply(self, loop: LoopState) -> float:
         from gan_models.schedule import lr_scale, set_learning_rates
 
+        self.progress = loop.progress
         scale = lr_scale(loop.progress, self.decay_from, self.final_scale)
         set_learning_rates(loop.gan, scale)
-        values[LR_SCALE] = scale
+        return scale
+
+    def on_resume(self, loop: LoopState, pending: list) -> None:
+        loop.progress = self.progress
+        self.apply(loop)
+
+    def on_log(self, loop: LoopState, values: dict[str, float]) -> None:
+        values[LR_SCALE] = self.apply(loop)
+
+    def state_dict(self) -> dict:
+        return {"progress": self.progress}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.progress = float(state["progress"])
 
 
 class GeneratorAverage(Hook):

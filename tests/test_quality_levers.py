@@ -172,6 +172,12 @@ def test_decay_hook_sets_both_optimizers_from_the_spec_and_logs_the_scale():
     assert values["lr_scale"] == pytest.approx(0.525)
     assert [g["lr"] for g in gan.opt_g.param_groups] == pytest.approx([2e-4 * 0.525])
     assert [g["lr"] for g in gan.opt_d.param_groups] == pytest.approx([4e-4 * 0.525])
+    # a resumed run takes the rates it stopped at from the checkpoint's progress, not from a clock
+    resumed = build_gan(GANSpec(resolution=28, channels=1, nz=8, ngf=8, ndf=8, lr_g=2e-4, lr_d=4e-4), seed=0)
+    hook = LearningRateDecay(0.5, 0.05)
+    hook.load_state_dict(LearningRateDecay(0.5, 0.05).state_dict() | {"progress": 0.75})
+    hook.on_resume(_loop(resumed), [])
+    assert [g["lr"] for g in resumed.opt_g.param_groups] == pytest.approx([2e-4 * 0.525])
 
 
 def test_progress_is_the_larger_of_steps_and_time_spent():
