@@ -1,0 +1,148 @@
+"""Sweeps: population based training through the trials' checkpoints, a sweep resumed after its driver died,
+the verdict against the preset, and requests refused before anything runs. Real local Ray, a real MLflow server,
+the bundled MNIST (a small prepared subset), tiny networks and few steps."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+EXE = str(Path(sys.executable).parent / "gan-pipeline")
+TINY = ["--batch-size", "16", "--ngf", "16", "--nz", "32", "--log-every", "2", "--sample-every", "4"]
+EVAL_SMALL = ("eval:\n  num_samples: 200\n  kid_subset_size: 100\n  inception: false\n")
+
+
+def _env(uri):
+    return {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+
+
+def _children(client, experiment: str):
+    exp = client.get_experiment_by_name(experiment).experiment_id
+    parents = client.search_runs([exp], filter_string="tags.gan_pipeline.stage = 'tune'")
+    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    return parents, children
+
+
+# ------------------------------------------------------------------------------------------------ unit
+def test_requests_that_cannot_run_are_refused_before_any_run(tmp_path):
+    """Each refusal exits with a usage error naming the problem, and no MLflow store or run is created."""
+    cases = [(["--scheduler", "pbt", "--search", "optuna"], "does not take --search optuna"),
+             (["--scheduler", "pbt", "--perturbation-interval", "3"], "not a multiple of the report interval"),
+             (["--workers-per-trial", str((os.cpu_count() or 1) + 1)], "CPUs per trial"),
+             (["--scheduler", "pb2"], "continuous values only"),
+             (["--time-budget", "40s", "--samples", "8"], "a trial needs at least")]
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.not_a_key:\n  uniform: [0, 1]\n")
+    cases.append((["--space", str(space)], "not a tunable config key"))
+    for args, message in cases:
+        result = subprocess.run([EXE, "tune", "--model", "wgan", "--runs-dir", str(tmp_path / "runs"), *args],
+                                cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "m.db").exists(), "refused before any MLflow run was created"
+
+
+def test_unknown_or_unsafe_sweep_name_is_a_clear_error(tmp_path):
+    for name, message in (("no-such-sweep", "no sweep named 'no-such-sweep'"), ("../etc", "not a valid name")):
+        result = subprocess.run([EXE, "tune", "--resume", name, "--runs-dir", str(tmp_path / "runs")], cwd=tmp_path,
+                                env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+
+
+def test_trial_budget_rule_and_verdict_wording():
+    from pipelines.sweep_verdict import improvement, summary_line
+    from pipelines.tune import trial_time_budget
+
+    # 20 min, 4 samples, 2 at a time: 2 min kept, 2 waves of 9 min
+    assert trial_time_budget(1200, 4, 2) == pytest.approx(540)
+    assert improvement(8.0, 10.0) == pytest.approx(20.0)
+    assert summary_line("s-b", {"domain_fd": 8.0}, {"trial": "s-p", "domain_fd": 10.0}, {"optim.lr_g": 1e-3}
+                        ).startswith("beat the preset by 20.0% on domain_fd")
+    assert summary_line("s-p", {"domain_fd": 10.0}, {"trial": "s-p", "domain_fd": 10.0}, {}
+                        ).startswith("did not beat the preset")
+
+
+def test_restored_optimizers_keep_their_state_but_take_the_new_learning_rate(tmp_path):
+    import torch
+
+    from pipelines import checkpoints
+    from pipelines.config import build_config
+    from pipelines.loop import apply_hyperparameters, build_training_gan
+
+    manifest = {"resolution": 28, "channels": 1, "class_names": [str(i) for i in range(10)]}
+    cfg = build_config("dcgan", None, {"model": {"ngf": 8, "ndf": 8, "nz": 8}})
+    gan = build_training_gan(cfg, manifest)
+    loss = gan.generator(torch.randn(2, 8)).mean()
+    loss.backward()
+    gan.opt_g.step()
+    checkpoints.write_checkpoint(tmp_path, gan, {"step": 7, "epoch": 0, "batch_in_epoch": 7}, {}, [], {})
+    tuned = build_config("dcgan", None, {"model": {"ngf": 8, "ndf": 8, "nz": 8}, "optim": {"lr_g": 3e-3}})
+    other = build_training_gan(tuned, manifest)
+    checkpoints.restore(other, tmp_path)
+    apply_hyperparameters(other, tuned)
+    assert other.opt_g.param_groups[0]["lr"] == 3e-3
+    assert int(other.opt_g.state_dict()["state"][0]["step"]) == 1, "Adam's moments and step count carried"
+    assert checkpoints.checkpoint_progress(tmp_path)["step"] == 7
+
+
+# ------------------------------------------------------------------------------------------------ integration
+@pytest.mark.integration
+def test_pbt_exploit_continues_from_the_donors_checkpoint_and_records_lineage(small_mnist, tmp_path, mlflow_server):
+    # trial 0 is the preset (Adam 2e-4: learns); trial 1 draws a destructive lr in [0.3, 0.5]: PBT copies the
+    # preset's checkpoint into it at a perturbation point (every 4 steps = every report).
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr_g:\n  uniform: [0.3, 0.5]\n")
+    config = tmp_path / "tune.yaml"
+    config.write_text("tune:\n  report_samples: 100\n  report_every: 4\n  perturbation_interval: 4\n" + EVAL_SMALL)
+    result = subprocess.run([EXE, "tune", "--model", "dcgan", "--scheduler", "pbt", "--config", str(config),
+                             "--space", str(space), "--samples", "2", "--max-concurrent", "2",
+                             "--workers-per-trial", "1", "--max-steps", "20", "--data", small_mnist,
+                             "--runs-dir", str(tmp_path / "runs"), "--name", "pbt-tuned", "--experiment", "pbt-sweep",
+                             *TINY], env=_env(mlflow_server), capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import checkpoints
+    from pipelines.sweep_trial import read_lineage
+
+    client = MlflowClient(mlflow_server)
+    parents, children = _children(client, "pbt-sweep")
+    assert len(parents) == 1 and len(children) == 2, "one run per trial, whatever its restarts"
+    preset = next(c for c in children if c.data.tags.get("gan_pipeline.preset_trial") == "true")
+    exploited = next(c for c in children if c is not preset)
+    assert exploited.data.tags.get("gan_pipeline.exploited_from") == preset.data.tags["gan_pipeline.run_name"], output[-6000:]
+    lineage = read_lineage(client, exploited.info.run_id)
+    copied_step = lineage[0]["copied_step"]
+    assert copied_step >= 4 and lineage[0]["copied_trial"] == preset.data.tags["gan_pipeline.run_name"]
+    new_lr = lineage[0]["values"]["optim.lr_g"]
+    # the segment after the exploit continued at the donor's step, with the donor's optimizer state and its own lr
+    name = exploited.data.tags["gan_pipeline.run_name"]
+    sweep_dir = next((tmp_path / "runs" / "checkpoints").glob("tune-dcgan-pbt-*"))
+    first = min((sweep_dir / f"{name}-s1").glob("checkpoint_*"))
+    assert checkpoints.checkpoint_step(first) == copied_step + 4, "continued from the donor's step, not from 0"
+    state = checkpoints.safe_load(first / checkpoints.STATE_FILE)
+    assert int(state["opt_g"]["state"][0]["step"]) == copied_step + 4, "the donor's optimizer state was carried"
+    assert state["opt_g"]["param_groups"][0]["lr"] == pytest.approx(new_lr)
+    # the lr schedule: the drawn value from step 0, the new one from the copied step
+    schedule = sorted((m.step, m.value) for m in client.get_metric_history(exploited.info.run_id, "hp.optim.lr_g"))
+    assert schedule[0][0] == 0 and 0.3 <= schedule[0][1] <= 0.5
+    assert (copied_step, pytest.approx(new_lr)) in schedule
+    steps = [m.step for m in client.get_metric_history(exploited.info.run_id, "g_loss")]
+    assert len(steps) == len(set(steps)) and max(steps) == 20, "no duplicated steps, trained to the end"
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"tune_results.csv", "verdict.csv", "verdict.txt", "metric_vs_hyperparameters.png",
+            "hyperparameter_schedules.png", "best_vs_preset_samples.png"} <= artifacts or \
+        {"tune_results.csv", "verdict.csv", "hyperparameter_schedules.png"} <= artifacts, artifacts
+    assert "the preset" in output and "@candidate" in output
+    assert parents[0].data.tags.get("gan_pipeline.verdict")
+    assert client.get_model_version_by_alias("pbt-tuned", "candidate").tags["source_run_id"] == \
+        parents[0].data.tags["gan_pipeline.best_run_id"]
