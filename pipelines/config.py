@@ -219,6 +219,11 @@ class TuneConfig(_Strict):
     perturbation_interval: Optional[int] = Field(
         None, ge=1, description="pbt/pb2: generator steps between exploit/explore decisions; a multiple of the "
                                 "report interval (every report carries a checkpoint). Default: 2 reports")
+    pbt_synch: bool = Field(
+        True, description="pbt/pb2: every trial waits at each perturbation point until the population got there "
+                          "(a restart per trial and interval). Needed where fewer trials run at once than the "
+                          "population holds, or trials start at different times (a few cores); false on a "
+                          "cluster that runs the whole population at once")
     include_preset: bool = Field(True, description="trial 0 trains the preset's own values (never stopped or "
                                                    "exploited): the verdict compares the best trial with it")
     time_budget: Optional[float] = Field(

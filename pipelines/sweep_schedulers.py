@@ -6,16 +6,19 @@ from __future__ import annotations
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
 from ray.tune.schedulers.pb2 import PB2
 
-from pipelines.sweep_trial import PRESET_KEY
+from pipelines.sweep_trial import is_preset
 
 
 class _PresetKept:
+    preset_values = None  # set by pipelines.tune.make_scheduler
+
     def on_trial_result(self, tune_controller, trial, result):
         decision = super().on_trial_result(tune_controller, trial, result)
-        return TrialScheduler.CONTINUE if trial.config.get(PRESET_KEY) and decision == TrialScheduler.STOP else decision
+        keep = decision == TrialScheduler.STOP and is_preset(trial.config, self.preset_values)
+        return TrialScheduler.CONTINUE if keep else decision
 
     def _checkpoint_or_exploit(self, trial, tune_controller, upper_quantile, lower_quantile):
-        if trial.config.get(PRESET_KEY):
+        if is_preset(trial.config, self.preset_values):
             lower_quantile = [t for t in lower_quantile if t is not trial]
         return super()._checkpoint_or_exploit(trial, tune_controller, upper_quantile, lower_quantile)
 

@@ -47,6 +47,15 @@ class SweepPlan:
     data_path: str
     manifest: dict
     score_reference: dict
+    preset_values: Optional[dict] = None  # trial 0's values (None: no preset trial in this sweep)
+
+
+def is_preset(config: dict, preset_values: Optional[dict]) -> bool:
+    """Trial 0: marked by the search algorithm's first point (random search), or, where the algorithm keeps only
+    its own keys (Optuna), recognised by its values."""
+    if config.get(PRESET_KEY):
+        return True
+    return bool(preset_values) and all(config.get(k) == v for k, v in preset_values.items())
 
 
 def trial_values(config: dict) -> dict[str, Any]:
@@ -154,7 +163,7 @@ def run_trial(plan: SweepPlan, config: dict) -> None:
     if existing is None:
         run_tags = {"mlflow.parentRunId": plan.parent_run_id, tags.STAGE: "tune-trial",
                     tags.MODEL: trial_cfg.model.name, tags.RUN_NAME: name}
-        if config.get(PRESET_KEY):
+        if is_preset(config, plan.preset_values):
             run_tags[tags.PRESET_TRIAL] = "true"
         run_id = client.create_run(plan.experiment_id, run_name=name, tags=run_tags).info.run_id
         tracking.log_params(client, run_id, {**trial_cfg.flat(), "data.manifest_hash": plan.manifest["manifest_hash"]})
@@ -220,7 +229,8 @@ def _forward_reports(report_queue, thread: threading.Thread) -> None:
             if not thread.is_alive() and report_queue.empty():
                 return
             continue
-        tune.report(item["metrics"], checkpoint=item["checkpoint"])
+        persisted = item["checkpoint"]  # Train's, already on storage: Tune copies it into the trial's folder
+        tune.report(item["metrics"], checkpoint=tune.Checkpoint(persisted.path, filesystem=persisted.filesystem))
 
 
 def _queue():

@@ -16,8 +16,7 @@ from typing import Any, Optional
 
 from pipelines import tags
 from pipelines.errors import UserError
-from pipelines.sweep_trial import (HYPERPARAMETER_METRIC_PREFIX, PRESET_KEY, SweepPlan, trial_run_name,
-                                   trial_values)
+from pipelines.sweep_trial import HYPERPARAMETER_METRIC_PREFIX, SweepPlan, is_preset, trial_run_name, trial_values
 
 VERDICT_METRICS = ("domain_fd", "precision", "recall")
 LOWER_IS_BETTER = {"domain_fd": True, "precision": False, "recall": False}
@@ -82,7 +81,7 @@ def conclude(cfg, plan: SweepPlan, results, spec: dict, mlflow_client, seconds: 
         value, checkpoint = _best_report(result, metric)
         best_reports[name] = (value, checkpoint, result)
         run = runs_by_name.get(name)
-        rows.append({"trial": name, "preset": bool(config.get(PRESET_KEY)), **trial_values(config),
+        rows.append({"trial": name, "preset": is_preset(config, plan.preset_values), **trial_values(config),
                      f"best_{metric}": value, "last_step": metrics.get("step"),
                      "reports": metrics.get("training_iteration"),
                      "exploits": int(run.data.tags.get(tags.EXPLOITS, "0")) if run else 0,

@@ -236,9 +236,11 @@ def _new_sweep(cfg: PipelineConfig, space_file: Optional[str], created) -> dict:
     if cfg.tune.time_budget is not None:
         base.train.time_budget = trial_time_budget(cfg.tune.time_budget, cfg.tune.samples, concurrent)
         mlflow_client.log_param(parent_id, "tune.trial_time_budget", round(base.train.time_budget, 1))
+    preset = preset_point(cfg, spec) if cfg.tune.include_preset else None
     plan = SweepPlan(sweep=sweep, sweep_storage=f"{storage}/{sweep}", tracking_uri=uri, parent_run_id=parent_id,
                      experiment_id=exp_id, base_config=base.model_dump(mode="json"), data_path=data_path,
-                     manifest=manifest, score_reference=reference)
+                     manifest=manifest, score_reference=reference,
+                     preset_values={k: v for k, v in preset.items() if k != PRESET_KEY} if preset else None)
     from pipelines.files import atomic_write
 
     atomic_write(Path(plan.sweep_storage) / SWEEP_RECORD, json.dumps(
@@ -282,14 +284,19 @@ def resume_stage(cfg: PipelineConfig, name: str) -> dict:
         return _fit(sweep_cfg, plan, record["space"], int(record["concurrent"]), mlflow_client, restore=True)
 
 
-def make_scheduler(cfg: PipelineConfig, spec: dict[str, dict]):
+def make_scheduler(cfg: PipelineConfig, spec: dict[str, dict], preset_values: Optional[dict] = None):
     """The trial scheduler. PBT and PB2 decide on the loop's own step counter (``step``, continued by an exploited
     trial from its donor's), every ``perturbation_interval`` steps: a multiple of the report interval, so every
     decision falls on a checkpoint (``check_request``)."""
-    from ray import tune
-
     from pipelines.sweep_schedulers import SCHEDULERS as schedulers
 
+    kind = cfg.tune.scheduler
+    scheduler = _scheduler(cfg, spec, schedulers)
+    scheduler.preset_values = preset_values
+    return scheduler
+
+
+def _scheduler(cfg: PipelineConfig, spec: dict[str, dict], schedulers: dict):
     kind = cfg.tune.scheduler
     if kind == "fifo":
         return schedulers["fifo"]()
@@ -299,7 +306,8 @@ def make_scheduler(cfg: PipelineConfig, spec: dict[str, dict]):
         # instead of being stopped by the scheduler at its final report.
         return schedulers["asha"](time_attr="training_iteration", grace_period=1, reduction_factor=2,
                                   max_t=max(1, (steps or 10 ** 6) // report_interval(cfg)) + 1)
-    common = {"time_attr": "step", "perturbation_interval": perturbation_interval(cfg), "quantile_fraction": 0.5}
+    common = {"time_attr": "step", "perturbation_interval": perturbation_interval(cfg), "quantile_fraction": 0.5,
+              "synch": cfg.tune.pbt_synch}
     if kind == "pb2":
         bounds = {key: list(next(iter(dist.values()))) for key, dist in spec.items()}
         return schedulers["pb2"](hyperparam_bounds=bounds, **common)
@@ -355,19 +363,24 @@ def _fit(cfg: PipelineConfig, plan: SweepPlan, spec: dict, concurrent: int, mlfl
         else:
             points = [preset_point(cfg, spec)] if cfg.tune.include_preset else []
             space = {**search_space(spec), PRESET_KEY: False}
+            samples = cfg.tune.samples
+            if points and any(next(iter(d)) == "grid" for d in spec.values()):
+                samples += 1  # a point replaces one sample, and with a grid one sample is the whole grid
             if cfg.tune.search == "optuna":
                 from ray.tune.search.optuna import OptunaSearch
 
-                search_alg = OptunaSearch(points_to_evaluate=points or None)
-                space.pop(PRESET_KEY)
+                space.pop(PRESET_KEY)  # Optuna keeps its own keys only: the preset is recognised by its values
+                search_alg = OptunaSearch(points_to_evaluate=[{k: v for k, v in p.items() if k != PRESET_KEY}
+                                                              for p in points] or None)
             else:
                 search_alg = BasicVariantGenerator(points_to_evaluate=points or None)
             keep = max(3, cfg.train.keep_checkpoints or 3)  # PBT copies the donor's last: never fewer than 3
             tuner = tune.Tuner(
                 _trainable(plan),
                 param_space=space,
-                tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="min", num_samples=cfg.tune.samples,
-                                            scheduler=make_scheduler(cfg, spec), search_alg=search_alg,
+                tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="min", num_samples=samples,
+                                            scheduler=make_scheduler(cfg, spec, plan.preset_values),
+                                            search_alg=search_alg,
                                             max_concurrent_trials=concurrent),
                 run_config=tune.RunConfig(name=plan.sweep, storage_path=storage, verbose=1,
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=keep)),

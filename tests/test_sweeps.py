@@ -97,14 +97,14 @@ def test_restored_optimizers_keep_their_state_but_take_the_new_learning_rate(tmp
 @pytest.mark.integration
 def test_pbt_exploit_continues_from_the_donors_checkpoint_and_records_lineage(small_mnist, tmp_path, mlflow_server):
     # trial 0 is the preset (Adam 2e-4: learns); trial 1 draws a destructive lr in [0.3, 0.5]: PBT copies the
-    # preset's checkpoint into it at a perturbation point (every 4 steps = every report).
+    # preset's checkpoint into it at the perturbation point (step 8; synchronous PBT: both trials wait there).
     space = tmp_path / "space.yaml"
     space.write_text("optim.lr_g:\n  uniform: [0.3, 0.5]\n")
     config = tmp_path / "tune.yaml"
-    config.write_text("tune:\n  report_samples: 100\n  report_every: 4\n  perturbation_interval: 4\n" + EVAL_SMALL)
+    config.write_text("tune:\n  report_samples: 100\n  report_every: 4\n  perturbation_interval: 8\n" + EVAL_SMALL)
     result = subprocess.run([EXE, "tune", "--model", "dcgan", "--scheduler", "pbt", "--config", str(config),
                              "--space", str(space), "--samples", "2", "--max-concurrent", "2",
-                             "--workers-per-trial", "1", "--max-steps", "20", "--data", small_mnist,
+                             "--workers-per-trial", "1", "--max-steps", "16", "--data", small_mnist,
                              "--runs-dir", str(tmp_path / "runs"), "--name", "pbt-tuned", "--experiment", "pbt-sweep",
                              *TINY], env=_env(mlflow_server), capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
@@ -137,7 +137,7 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint_and_records_lineage(sm
     assert schedule[0][0] == 0 and 0.3 <= schedule[0][1] <= 0.5
     assert (copied_step, pytest.approx(new_lr)) in schedule
     steps = [m.step for m in client.get_metric_history(exploited.info.run_id, "g_loss")]
-    assert len(steps) == len(set(steps)) and max(steps) == 20, "no duplicated steps, trained to the end"
+    assert len(steps) == len(set(steps)) and max(steps) == 16, "no duplicated steps, trained to the end"
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"tune_results.csv", "verdict.csv", "verdict.txt", "metric_vs_hyperparameters.png",
             "hyperparameter_schedules.png", "best_vs_preset_samples.png"} <= artifacts or \
@@ -146,3 +146,63 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint_and_records_lineage(sm
     assert parents[0].data.tags.get("gan_pipeline.verdict")
     assert client.get_model_version_by_alias("pbt-tuned", "candidate").tags["source_run_id"] == \
         parents[0].data.tags["gan_pipeline.best_run_id"]
+
+
+def _kill_sweep(proc: subprocess.Popen) -> None:
+    """SIGKILL the sweep's driver and everything it started (its local Ray: the driver leads their process group;
+    descendants are collected first in case one left the group): a crash of the driver's machine."""
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    for child in family:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=10)
+
+
+@pytest.mark.integration
+def test_sweep_killed_after_its_first_checkpoints_resumes_to_completion(small_mnist, tmp_path, mlflow_server):
+    config = tmp_path / "tune.yaml"
+    config.write_text("tune:\n  report_samples: 100\n  report_every: 4\n  include_preset: false\n" + EVAL_SMALL)
+    runs = tmp_path / "runs"
+    common = ["--config", str(config), "--runs-dir", str(runs), "--experiment", "resumed-sweep"]
+    # one trial at a time: the first finishes, the second is killed mid-training
+    proc = subprocess.Popen([EXE, "tune", "--model", "dcgan", "--scheduler", "fifo", *common, "--samples", "2",
+                             "--max-concurrent", "1", "--workers-per-trial", "1", "--max-steps", "12",
+                             "--data", small_mnist, "--name", "resumed", *TINY], env=_env(mlflow_server),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 600
+    storage = runs / "checkpoints"
+    while len({p.parent.name for p in storage.glob("tune-dcgan-fifo-*/*-s0/checkpoint_00000004")}) < 2:
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.monotonic() < deadline, "no checkpoints of two trials within 10 minutes"
+        time.sleep(0.5)
+    _kill_sweep(proc)
+    sweep = next(storage.glob("tune-dcgan-fifo-*")).name
+
+    result = subprocess.run([EXE, "tune", "--resume", sweep, *common], env=_env(mlflow_server),
+                            capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    assert f"resuming sweep {sweep}" in output
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    parents, children = _children(client, "resumed-sweep")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED", "one parent run, continued"
+    assert len(children) == 2, "the same two trials, no duplicated child runs"
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "g_loss")]
+        assert sorted(steps) == list(range(2, 13, 2)), f"gap- and duplicate-free history: {sorted(steps)}"
+        assert child.info.status == "FINISHED"
+    resumed = [c for c in children if c.data.tags.get("gan_pipeline.resumed_from_step")]
+    assert resumed and all(int(c.data.tags["gan_pipeline.resumed_from_step"]) >= 4 for c in resumed), \
+        "the interrupted trial continued from its last checkpoint"
+    assert client.get_model_version_by_alias("resumed", "candidate")
