@@ -268,6 +268,11 @@ def resume_stage(cfg: PipelineConfig, name: str) -> dict:
         raise UserError(f"no sweep named {name!r} under {storage}"
                         + (f"; sweeps there: {', '.join(known[-8:])}" if known else "; there is no sweep there")
                         + ". Pass the --runs-dir (or --storage-path) the sweep was started with.")
+    from ray.tune import Tuner
+
+    if not Tuner.can_restore(str(record_path.parent)):
+        raise UserError(f"sweep {name} stopped before its first trial started: there is nothing to continue; "
+                        f"start a new sweep (gan-pipeline tune ...)")
     record = json.loads(record_path.read_text())
     plan = SweepPlan(**record["plan"])
     sweep_cfg = config_from_dict(record["config"])

@@ -93,6 +93,31 @@ def test_restored_optimizers_keep_their_state_but_take_the_new_learning_rate(tmp
     assert checkpoints.checkpoint_progress(tmp_path)["step"] == 7
 
 
+def test_a_trial_starts_from_a_donors_checkpoint_as_given_and_from_its_own_newest(tmp_path):
+    """PBT exploit: the donor's checkpoint and nothing else; the trial's own Tune checkpoint: the newer of it and
+    its previous segment's latest Train checkpoint (a driver killed between the two)."""
+    from pipelines import checkpoints
+    from pipelines.config import build_config
+    from pipelines.loop import build_training_gan
+    from pipelines.sweep_trial import _start_point
+
+    manifest = {"resolution": 28, "channels": 1, "class_names": [str(i) for i in range(10)]}
+    gan = build_training_gan(build_config("dcgan", None, {"model": {"ngf": 8, "ndf": 8, "nz": 8}}), manifest)
+
+    def write(where: Path, step: int, run_id: str) -> Path:
+        checkpoints.write_checkpoint(where, gan, {"step": step, "epoch": 0, "batch_in_epoch": step},
+                                     {"mlflow_run_id": run_id}, [], {})
+        return where
+
+    donor = write(tmp_path / "tune" / "checkpoint_000001", 8, "donor-run")
+    segment = tmp_path / "trial-s0"
+    write(segment / checkpoints.checkpoint_dir_name(12), 12, "own-run")
+    assert _start_point(donor, "own-run", segment) == (donor, "donor-run")
+    own = write(tmp_path / "tune" / "checkpoint_000002", 8, "own-run")
+    assert _start_point(own, "own-run", segment) == (segment / "checkpoint_00000012", None)
+    assert _start_point(None, "own-run", None) == (None, None)
+
+
 # ------------------------------------------------------------------------------------------------ integration
 @pytest.mark.integration
 def test_pbt_exploit_continues_from_the_donors_checkpoint_and_records_lineage(small_mnist, tmp_path, mlflow_server):
@@ -148,23 +173,35 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint_and_records_lineage(sm
         parents[0].data.tags["gan_pipeline.best_run_id"]
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc: parent ids), children first found first."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
 def _kill_sweep(proc: subprocess.Popen) -> None:
     """SIGKILL the sweep's driver and everything it started (its local Ray: the driver leads their process group;
     descendants are collected first in case one left the group): a crash of the driver's machine."""
-    import psutil
-
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
+    family = _descendants(proc.pid)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    for child in family:
+    for pid in family:
         try:
-            child.kill()
-        except psutil.NoSuchProcess:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
             pass
-    psutil.wait_procs(family, timeout=10)
+    time.sleep(2)
 
 
 @pytest.mark.integration
