@@ -11,8 +11,11 @@ from pipelines.sweep_trial import is_preset
 
 class _PresetKept:
     preset_values = None  # set by pipelines.tune.make_scheduler
+    final_step = None     # a trial's last step where known: no perturbation there (nothing left to train)
 
     def on_trial_result(self, tune_controller, trial, result):
+        if self.final_step and isinstance(self, PopulationBasedTraining) and result.get("step", 0) >= self.final_step:
+            return TrialScheduler.CONTINUE
         decision = super().on_trial_result(tune_controller, trial, result)
         keep = decision == TrialScheduler.STOP and is_preset(trial.config, self.preset_values)
         return TrialScheduler.CONTINUE if keep else decision

@@ -298,6 +298,7 @@ def make_scheduler(cfg: PipelineConfig, spec: dict[str, dict], preset_values: Op
     kind = cfg.tune.scheduler
     scheduler = _scheduler(cfg, spec, schedulers)
     scheduler.preset_values = preset_values
+    scheduler.final_step = cfg.train.max_steps
     return scheduler
 
 

@@ -120,6 +120,7 @@ def test_a_trial_starts_from_a_donors_checkpoint_as_given_and_from_its_own_newes
 
 # ------------------------------------------------------------------------------------------------ integration
 @pytest.mark.integration
+@pytest.mark.timeout(900)  # the first test of a session also trains the domain classifier (minutes on a busy machine)
 def test_pbt_exploit_continues_from_the_donors_checkpoint_and_records_lineage(small_mnist, tmp_path, mlflow_server):
     # trial 0 is the preset (Adam 2e-4: learns); trial 1 draws a destructive lr in [0.3, 0.5]: PBT copies the
     # preset's checkpoint into it at the perturbation point (step 8; synchronous PBT: both trials wait there).
@@ -205,6 +206,7 @@ def _kill_sweep(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(900)
 def test_sweep_killed_after_its_first_checkpoints_resumes_to_completion(small_mnist, tmp_path, mlflow_server):
     config = tmp_path / "tune.yaml"
     config.write_text("tune:\n  report_samples: 100\n  report_every: 4\n  include_preset: false\n" + EVAL_SMALL)
