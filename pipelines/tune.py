@@ -68,8 +68,8 @@ def space_spec(cfg: PipelineConfig, space_file: Optional[str] = None) -> dict[st
         section, _, field = str(key).partition(".")
         model = getattr(cfg, section, None) if field else None
         if section not in ("optim", "model", "train") or model is None or field not in type(model).model_fields:
-            raise ConfigError(f"search space key {key!r} is not a tunable config key (optim.*, model.*, train.*; "
-                              f"e.g. optim.lr_g)")
+            raise ConfigError(f"search space key {key!r} is not a config key of a tunable section (optim.*, "
+                              f"model.*, train.*; e.g. optim.lr_g)")
         if not isinstance(dist, dict) or len(dist) != 1:
             raise ConfigError(f"search space {key}: give one distribution, e.g. {{loguniform: [1e-5, 1e-3]}}")
         (kind, args), = dist.items()

@@ -39,7 +39,7 @@ def test_requests_that_cannot_run_are_refused_before_any_run(tmp_path):
              (["--time-budget", "40s", "--samples", "8"], "a trial needs at least")]
     space = tmp_path / "space.yaml"
     space.write_text("optim.not_a_key:\n  uniform: [0, 1]\n")
-    cases.append((["--space", str(space)], "not a tunable config key"))
+    cases.append((["--space", str(space)], "is not a config key"))
     for args, message in cases:
         result = subprocess.run([EXE, "tune", "--model", "wgan", "--runs-dir", str(tmp_path / "runs"), *args],
                                 cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
