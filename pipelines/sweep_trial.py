@@ -53,8 +53,8 @@ class SweepPlan:
 def is_preset(config: dict, preset_values: Optional[dict]) -> bool:
     """Trial 0: marked by the search algorithm's first point (random search), or, where the algorithm keeps only
     its own keys (Optuna), recognised by its values."""
-    if config.get(PRESET_KEY):
-        return True
+    if PRESET_KEY in config:
+        return bool(config[PRESET_KEY])
     return bool(preset_values) and all(config.get(k) == v for k, v in preset_values.items())
 
 

@@ -316,7 +316,7 @@ def _scheduler(cfg: PipelineConfig, spec: dict[str, dict], schedulers: dict):
               "synch": cfg.tune.pbt_synch}
     if kind == "pb2":
         bounds = {key: list(next(iter(dist.values()))) for key, dist in spec.items()}
-        return schedulers["pb2"](hyperparam_bounds=bounds, **common)
+        return schedulers["pb2"](hyperparam_bounds=bounds, custom_explore_fn=_within(spec), **common)
     mutations = {}
     for key, dist in spec.items():
         (dist_kind, args), = dist.items()
@@ -326,11 +326,14 @@ def _scheduler(cfg: PipelineConfig, spec: dict[str, dict], schedulers: dict):
 
 
 def _within(spec: dict[str, dict]):
-    """PBT's explore multiplies values by 0.8 or 1.2: kept inside the space's bounds (and integers integral)."""
+    """PBT's explore multiplies values by 0.8 or 1.2: kept inside the space's bounds (and integers integral); the
+    preset's marker is not inherited."""
     bounds = {key: (kind, args) for key, dist in spec.items() for kind, args in dist.items()
               if kind in ("loguniform", "uniform", "randint")}
 
     def explore(config: dict) -> dict:
+        # PBT clones the donor's whole config: a trial that copied the preset's trial is not the preset
+        config[PRESET_KEY] = False
         for key, (kind, (low, high)) in bounds.items():
             if key in config:
                 value = min(max(config[key], low), high)

@@ -168,6 +168,13 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint_and_records_lineage(sm
     assert {"tune_results.csv", "verdict.csv", "verdict.txt", "metric_vs_hyperparameters.png",
             "hyperparameter_schedules.png", "best_vs_preset_samples.png"} <= artifacts or \
         {"tune_results.csv", "verdict.csv", "hyperparameter_schedules.png"} <= artifacts, artifacts
+    import csv
+    import io
+
+    table = io.StringIO(client.download_artifacts(parents[0].info.run_id, "tune_results.csv", str(tmp_path)) and
+                        (tmp_path / "tune_results.csv").read_text())
+    assert sorted(row["preset"] for row in csv.DictReader(table)) == ["False", "True"], \
+        "a trial that copied the preset's trial is not the preset"
     assert "the preset" in output and "@candidate" in output
     assert parents[0].data.tags.get("gan_pipeline.verdict")
     assert client.get_model_version_by_alias("pbt-tuned", "candidate").tags["source_run_id"] == \
