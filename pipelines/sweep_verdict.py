@@ -138,7 +138,8 @@ def conclude(cfg, plan: SweepPlan, results, spec: dict, mlflow_client, seconds: 
     mlflow_client.set_tag(parent_id, tags.VERDICT, line[:5000])
     grids = [(f"best: {best_name.rsplit('-', 1)[-1]}", workflow_dir / "evaluation" / "samples.png")]
     if preset is not None and preset["trial"] != best_name:
-        grids.append((f"preset: {preset['trial'].rsplit('-', 1)[-1]}", workflow_dir / "preset-evaluation" / "samples.png"))
+        grids.append((f"preset: {preset['trial'].rsplit('-', 1)[-1]}",
+                      workflow_dir / "preset-evaluation" / "samples.png"))
     if all(path.is_file() for _, path in grids):
         mlflow_client.log_image(parent_id, side_by_side(grids), "best_vs_preset_samples.png")
     for key in VERDICT_METRICS:
@@ -233,7 +234,8 @@ def plot_schedules(mlflow_client, children, keys):
                              mlflow_client.get_metric_history(child.info.run_id, HYPERPARAMETER_METRIC_PREFIX + key))
             if history:
                 steps, values = zip(*history)
-                ax.step(steps, values, where="post", marker="o", label=child.data.tags.get(tags.RUN_NAME, "")[-8:])
+                trial = child.data.tags.get(tags.RUN_NAME, "").rsplit("-", 1)[-1]
+                ax.step(steps, values, where="post", marker="o", label=trial)
         ax.set_xlabel("step")
         ax.set_ylabel(key)
         if key.startswith("optim.lr") or key in ("optim.clip_value", "optim.gp_weight"):

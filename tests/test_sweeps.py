@@ -145,7 +145,8 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint_and_records_lineage(sm
     assert len(parents) == 1 and len(children) == 2, "one run per trial, whatever its restarts"
     preset = next(c for c in children if c.data.tags.get("gan_pipeline.preset_trial") == "true")
     exploited = next(c for c in children if c is not preset)
-    assert exploited.data.tags.get("gan_pipeline.exploited_from") == preset.data.tags["gan_pipeline.run_name"], output[-6000:]
+    assert exploited.data.tags.get("gan_pipeline.exploited_from") == preset.data.tags["gan_pipeline.run_name"], \
+        output[-6000:]
     lineage = read_lineage(client, exploited.info.run_id)
     copied_step = lineage[0]["copied_step"]
     assert copied_step >= 4 and lineage[0]["copied_trial"] == preset.data.tags["gan_pipeline.run_name"]
