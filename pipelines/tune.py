@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -243,9 +243,12 @@ def _new_sweep(cfg: PipelineConfig, space_file: Optional[str], created) -> dict:
                      preset_values={k: v for k, v in preset.items() if k != PRESET_KEY} if preset else None)
     from pipelines.files import atomic_write
 
+    # what --resume needs, credentials left out (a tracking URI's user:password@ comes from the resuming command)
+    record_plan = {**asdict(plan), "tracking_uri": tracking.redact_uri(uri),
+                   "base_config": tracking.redact_config(plan.base_config)}
     atomic_write(Path(plan.sweep_storage) / SWEEP_RECORD, json.dumps(
-        {"plan": asdict(plan), "config": cfg.model_dump(mode="json"), "space": spec, "concurrent": concurrent},
-        indent=2, sort_keys=True))
+        {"plan": record_plan, "config": tracking.redact_config(cfg.model_dump(mode="json")), "space": spec,
+         "concurrent": concurrent}, indent=2, sort_keys=True))
     print(f"[gan-pipeline] sweep {sweep}: {cfg.tune.samples} trials ({cfg.tune.scheduler}), {concurrent} at a "
           f"time; if this driver dies: gan-pipeline tune --resume {sweep}"
           + (f" --runs-dir {cfg.runs_dir}" if not cfg.train.storage_path else f" --storage-path {storage}"),
@@ -276,6 +279,11 @@ def resume_stage(cfg: PipelineConfig, name: str) -> dict:
     record = json.loads(record_path.read_text())
     plan = SweepPlan(**record["plan"])
     sweep_cfg = config_from_dict(record["config"])
+    current_uri = absolute_tracking_uri(cfg.resolved_tracking_uri)
+    if tracking.redact_uri(current_uri) == plan.tracking_uri and current_uri != plan.tracking_uri:
+        # the sweep's tracking server with the credentials recorded nowhere: this command's
+        plan = replace(plan, tracking_uri=current_uri)
+        sweep_cfg.tracking.tracking_uri = current_uri if sweep_cfg.tracking.tracking_uri else None
     mlflow_client = tracking.client(plan.tracking_uri)
     tracking.check_reachable(plan.tracking_uri)
     parent = mlflow_client.get_run(plan.parent_run_id)
