@@ -49,6 +49,9 @@ MODEL_OPTS = [
     Opt("optim.n_critic", ("--n-critic",), int, "critic updates per generator update"),
     Opt("optim.clip_value", ("--clip-value",), float, "WGAN weight clipping bound c"),
     Opt("optim.gp_weight", ("--gp-weight",), float, "WGAN-GP penalty weight lambda"),
+    Opt("optim.lr_decay_from", ("--lr-decay-from",), float,
+        "fraction of the run after which learning rates decay linearly (1 = constant, as in the papers)"),
+    Opt("optim.lr_final_scale", ("--lr-final-scale",), float, "learning-rate multiplier at the run's end"),
     Opt("optim.critic_warmup", ("--critic-warmup",), None,
         "WGAN reference code: 100 critic updates for the first 25 generator steps and every 500th", is_flag=True),
 ]

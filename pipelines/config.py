@@ -84,6 +84,9 @@ class OptimConfig(_Strict):
                                                    "generator steps and every 500th (gan_models.step)")
     clip_value: Optional[float] = Field(None, gt=0, lt=1.0, description="WGAN weight clipping bound c")
     gp_weight: float = Field(0.0, ge=0, le=1000.0, description="WGAN-GP penalty weight lambda")
+    lr_decay_from: float = Field(1.0, gt=0, le=1.0, description="fraction of the run (steps or time budget) after "
+                                                               "which the learning rates decay linearly; 1 = constant")
+    lr_final_scale: float = Field(0.05, ge=0, le=1.0, description="learning-rate multiplier reached at the run's end")
 
 
 class DataConfig(_Strict):

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from pipelines import tags, tracking
-from pipelines.training_metrics import CONSOLE_LOSSES, IMAGES_PER_SECOND
+from pipelines.training_metrics import CONSOLE_LOSSES, IMAGES_PER_SECOND, LR_SCALE
 
 
 def console_print(message: str) -> None:
@@ -60,6 +60,7 @@ class LoopState:
     last: bool = False
     at_checkpoint: bool = False
     stop_reason: Optional[str] = None
+    progress: float = 0.0  # fraction of the run done (steps or time budget), the same on every rank; set at log steps
     time_budget: Optional["TimeBudget"] = None
     exported_generator: Optional[Any] = None  # what a checkpoint saves as generator.pt; None: G as trained
     pending: list = field(default_factory=list)
@@ -159,6 +160,39 @@ class TimeBudget(Hook):
 
     def load_state_dict(self, state: dict) -> None:
         self.spent_before, self.started = float(state["spent"]), self.clock()
+
+
+class LearningRateDecay(Hook):
+    """``gan_models.schedule`` at every log step, from ``loop.progress`` (agreed across ranks, so replicas keep
+    identical rates). The progress goes into the checkpoint: a resumed run starts from the rates it stopped at, the
+    same on every rank (a clock read at resume would differ a little between ranks, and so would their updates)."""
+
+    state_key = "lr_decay"
+
+    def __init__(self, decay_from: float, final_scale: float):
+        self.decay_from, self.final_scale = decay_from, final_scale
+        self.progress = 0.0
+
+    def apply(self, loop: LoopState) -> float:
+        from gan_models.schedule import lr_scale, set_learning_rates
+
+        self.progress = loop.progress
+        scale = lr_scale(loop.progress, self.decay_from, self.final_scale)
+        set_learning_rates(loop.gan, scale)
+        return scale
+
+    def on_resume(self, loop: LoopState, pending: list) -> None:
+        loop.progress = self.progress
+        self.apply(loop)
+
+    def on_log(self, loop: LoopState, values: dict[str, float]) -> None:
+        values[LR_SCALE] = self.apply(loop)
+
+    def state_dict(self) -> dict:
+        return {"progress": self.progress}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.progress = float(state["progress"])
 
 
 class GeneratorAverage(Hook):

@@ -20,7 +20,7 @@ from gan_models.sampling import from_uint8
 from pipelines import checkpoints, tracking
 from pipelines.config import PipelineConfig, config_from_dict
 from pipelines.faults import fault_hooks_from_env
-from pipelines.hooks import GeneratorAverage, Hook, LoopState, StopTraining, TimeBudget, default_hooks
+from pipelines.hooks import GeneratorAverage, Hook, LearningRateDecay, LoopState, StopTraining, TimeBudget, default_hooks
 from pipelines.job import TrainJob
 from pipelines.training_metrics import EPOCH, IMAGES_PER_SECOND, REPLICA_MAX_ABS_DIFF
 
@@ -44,7 +44,7 @@ def total_steps(cfg: PipelineConfig, steps_per_epoch: int) -> Optional[int]:
 
 
 def quality_hooks(cfg: PipelineConfig, gan: GAN, loop: LoopState, score_reference: Optional[dict]) -> list[Hook]:
-    """The hooks that make a run end with a good generator: the time budget, and on rank 0 the moving average of
+    """The hooks that make a run end with a good generator: the time budget, the learning-rate decay, and on rank 0 the moving average of
     G and the checkpoint score that picks the better of the two at every checkpoint (pipelines.scoring)."""
     from pipelines.scoring import CheckpointScore
 
@@ -52,6 +52,8 @@ def quality_hooks(cfg: PipelineConfig, gan: GAN, loop: LoopState, score_referenc
     if t.resolved_time_budget:
         loop.time_budget = TimeBudget(t.resolved_time_budget)
         hooks.append(loop.time_budget)
+    if cfg.optim.lr_decay_from < 1.0:
+        hooks.append(LearningRateDecay(cfg.optim.lr_decay_from, cfg.optim.lr_final_scale))
     if score_reference is not None and loop.is_chief:
         average = GeneratorAverage(gan, t.ema_half_life, images_per_step=t.batch_size) if t.ema_half_life else None
         hooks += [h for h in (average, CheckpointScore(score_reference, average)) if h is not None]
@@ -249,9 +251,11 @@ class Worker:
             loop.last = loop.total_steps is not None and loop.step >= loop.total_steps
             loop.at_checkpoint = loop.last or loop.step % loop.checkpoint_every == 0
             if loop.step % loop.log_every == 0 or loop.at_checkpoint:
-                values = _mean_across_ranks({**stats, _STOP: torch.tensor(float(loop.stop_reason is not None), device=self.device)})
+                values = _mean_across_ranks({**stats, _STOP: torch.tensor(float(loop.stop_reason is not None), device=self.device),
+                                             _PROGRESS: torch.tensor(run_progress(loop), device=self.device)})
                 if values.pop(_STOP) > 0:  # some rank's hook asked to stop: all ranks end here, as at the last step
                     loop.last = loop.at_checkpoint = True
+                loop.progress = values.pop(_PROGRESS)  # ranks' clocks differ a little: their mean is the same everywhere
                 values[IMAGES_PER_SECOND] = throughput.images_per_second()
                 values[EPOCH] = loop.epoch + batches_in_epoch(batches) / max(self.reader.steps_per_epoch, 1)
                 try:
@@ -294,6 +298,15 @@ class Worker:
 
 
 _STOP = "_stop_requested"
+_PROGRESS = "_progress"
+
+
+def run_progress(loop: LoopState) -> float:
+    """Fraction of the run done on this rank: steps of the planned steps, or time of the budget (the larger)."""
+    done = loop.step / loop.total_steps if loop.total_steps else 0.0
+    if loop.time_budget is not None:
+        done = max(done, loop.time_budget.spent() / loop.time_budget.seconds)
+    return min(1.0, done)
 
 
 def batches_in_epoch(batches: CountedBatches) -> int:

@@ -12,7 +12,10 @@ REPLICA_MAX_ABS_DIFF = "replica_max_abs_diff"
 CHEAP_FD = "domain_fd_cheap"
 CHEAP_FD_AVERAGE = "domain_fd_cheap_ema"
 EXPORTED_AVERAGE = "exported_average"
-LOOP_METRICS = (IMAGES_PER_SECOND, EPOCH, REPLICA_MAX_ABS_DIFF, CHEAP_FD, CHEAP_FD_AVERAGE, EXPORTED_AVERAGE)
+# The learning-rate multiplier of the decay schedule (gan_models.schedule).
+LR_SCALE = "lr_scale"
+LOOP_METRICS = (IMAGES_PER_SECOND, EPOCH, REPLICA_MAX_ABS_DIFF, CHEAP_FD, CHEAP_FD_AVERAGE, EXPORTED_AVERAGE,
+                LR_SCALE)
 
 # Logged at every log step; the last step that MLflow holds for it tells how far a run's history goes.
 PROGRESS_METRIC = "g_loss"

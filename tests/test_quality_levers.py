@@ -12,7 +12,9 @@ from gan_models import GANSpec, build_gan, train_step
 from gan_models.ema import GeneratorEMA
 from gan_models.performance import default_precision
 from pipelines.config import ConfigError, build_config, parse_duration
-from pipelines.hooks import GeneratorAverage, LoopState, TimeBudget
+from gan_models.schedule import lr_scale
+from pipelines.hooks import GeneratorAverage, LearningRateDecay, LoopState, TimeBudget
+from pipelines.loop import run_progress
 from pipelines.scoring import CHECKPOINT_SCORE, CheckpointScore, best_checkpoint
 from tests.helpers import constant_batches
 
@@ -154,3 +156,37 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
     assert default_precision("cpu") == "fp32"
     assert build_config("dcgan").gan_spec(28, 1, 10).precision == "fp32"
     assert build_config("dcgan", overrides={"train": {"precision": "bf16"}}).gan_spec(28, 1, 10).precision == "bf16"
+
+
+def test_learning_rates_stay_then_decay_linearly_to_the_final_scale():
+    assert [lr_scale(p, 0.5, 0.05) for p in (0.0, 0.5, 0.75, 1.0, 1.3)] == pytest.approx([1, 1, 0.525, 0.05, 0.05])
+    assert lr_scale(0.99, 1.0, 0.05) == 1.0, "decay_from 1 is the papers' constant rate"
+
+
+def test_decay_hook_sets_both_optimizers_from_the_spec_and_logs_the_scale():
+    gan = build_gan(GANSpec(resolution=28, channels=1, nz=8, ngf=8, ndf=8, lr_g=2e-4, lr_d=4e-4), seed=0)
+    loop = _loop(gan)
+    loop.progress = 0.75
+    values = {}
+    LearningRateDecay(0.5, 0.05).on_log(loop, values)
+    assert values["lr_scale"] == pytest.approx(0.525)
+    assert [g["lr"] for g in gan.opt_g.param_groups] == pytest.approx([2e-4 * 0.525])
+    assert [g["lr"] for g in gan.opt_d.param_groups] == pytest.approx([4e-4 * 0.525])
+    # a resumed run takes the rates it stopped at from the checkpoint's progress, not from a clock
+    resumed = build_gan(GANSpec(resolution=28, channels=1, nz=8, ngf=8, ndf=8, lr_g=2e-4, lr_d=4e-4), seed=0)
+    hook = LearningRateDecay(0.5, 0.05)
+    hook.load_state_dict(LearningRateDecay(0.5, 0.05).state_dict() | {"progress": 0.75})
+    hook.on_resume(_loop(resumed), [])
+    assert [g["lr"] for g in resumed.opt_g.param_groups] == pytest.approx([2e-4 * 0.525])
+
+
+def test_progress_is_the_larger_of_steps_and_time_spent():
+    now = [0.0]
+    loop = _loop(_gan(), total_steps=100)
+    loop.step = 30
+    assert run_progress(loop) == pytest.approx(0.3)
+    loop.time_budget = TimeBudget(60, clock=lambda: now[0])
+    now[0] = 45.0
+    assert run_progress(loop) == pytest.approx(0.75)
+    loop.total_steps, now[0] = None, 90.0
+    assert run_progress(loop) == 1.0

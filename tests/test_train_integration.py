@@ -66,6 +66,9 @@ def test_two_workers_log_params_metrics_images_and_keep_replicas_identical(small
     # both data-parallel ranks hold identical weights at every checkpoint (clipping included)
     spread = client.get_metric_history(run.info.run_id, "replica_max_abs_diff")
     assert [m.step for m in spread] and all(m.value == 0.0 for m in spread)
+    # the WGAN preset's learning rates decay over the second half of the run, by the same amount on both ranks
+    scales = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lr_scale")}
+    assert scales == pytest.approx({2: 1.0, 4: 1.0, 6: 0.525, 8: 0.05})
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"generator", "loss_curves.png", "config.json"} <= artifacts
     assert any(a.path.startswith("images") for a in client.list_artifacts(run.info.run_id, "images") or []) or \
@@ -73,6 +76,7 @@ def test_two_workers_log_params_metrics_images_and_keep_replicas_identical(small
     ckpt_dir = Path(run.data.tags["gan_pipeline.checkpoint_dir"])
     state = safe_load(ckpt_dir / "state.pt")
     assert state["progress"]["step"] == 8
+    assert [g["lr"] for g in state["opt_g"]["param_groups"]] == pytest.approx([1e-3 * 0.05])
     critic = state["discriminator"]
     assert max(t.abs().max().item() for k, t in critic.items() if t.is_floating_point() and "running" not in k) <= 0.01 + 1e-7
 
