@@ -23,6 +23,7 @@ def _env(uri):
     return {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.mark.timeout(900)  # four trials one at a time (the grid's three and the preset's)
 def test_asha_sweep_tracks_trials_stops_a_bad_one_and_registers_the_best(small_mnist, tmp_path, mlflow_server):
     # a grid makes the outcome certain: the good learning rates come first, the destructive one (Adam at 0.5
     # throws G's weights around) last, run one at a time, so ASHA has good trials to compare it with.
