@@ -102,6 +102,11 @@ def restore(gan: GAN, directory: Path) -> tuple[dict[str, int], dict]:
     return {k: int(v) for k, v in state["progress"].items()}, state.get("hooks", {})
 
 
+def checkpoint_progress(directory: Path) -> dict[str, int]:
+    """The progress counters (step, epoch, batch_in_epoch) a checkpoint was written at."""
+    return {k: int(v) for k, v in safe_load(Path(directory) / STATE_FILE)["progress"].items()}
+
+
 def read_run_config(directory: Path) -> dict:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():

@@ -104,6 +104,10 @@ TUNE_OPTS = [
     Opt("tune.max_concurrent", ("--max-concurrent",), int, "trials at once"),
     Opt("tune.scheduler", ("--scheduler",), choices("tune.scheduler"), "trial scheduler"),
     Opt("tune.search", ("--search",), choices("tune.search"), "search algorithm"),
+    Opt("tune.time_budget", ("--time-budget",), str,
+        "wall-clock budget of the whole sweep, e.g. 20m: each trial trains budget x concurrent / samples"),
+    Opt("tune.perturbation_interval", ("--perturbation-interval",), int,
+        "pbt/pb2: steps between exploit/explore decisions (a multiple of the report interval)"),
 ]
 
 
@@ -260,17 +264,27 @@ def run(cfg: PipelineConfig, promote: bool, dry_run: bool, run_name: Optional[st
     run_stage(cfg, run_name=run_name)
 
 
+# in `tune`, --time-budget is the whole sweep's (tune.time_budget); a trial's own comes from it
+TRIAL_TRAIN_OPTS = [o for o in TRAIN_OPTS if o.key != "train.time_budget"]
+
+
 @cli.command()
-@config_options(TUNE_OPTS, MODEL_OPTS, DATA_OPTS, [DATA_PATH_OPT], TRAIN_OPTS, TRACKING_OPTS, EVAL_OPTS,
+@config_options(TUNE_OPTS, MODEL_OPTS, DATA_OPTS, [DATA_PATH_OPT], TRIAL_TRAIN_OPTS, TRACKING_OPTS, EVAL_OPTS,
                 REGISTER_OPTS)
 @click.option("--space", "space_file", type=click.Path(dir_okay=False), default=None,
               help="YAML search space replacing the family's default")
+@click.option("--resume", "resume_name", default=None,
+              help="continue the sweep NAME whose driver died (finished trials kept, the others from their last "
+                   "checkpoints, the same MLflow runs); other options are taken from that sweep")
 @_fail_cleanly
-def tune(cfg: PipelineConfig, space_file: Optional[str]) -> None:
-    """Ray Tune sweep over the training loop, tracked in MLflow."""
-    from pipelines.tune import tune_stage
+def tune(cfg: PipelineConfig, space_file: Optional[str], resume_name: Optional[str]) -> None:
+    """Ray Tune sweep over the training loop (ASHA, FIFO or population based training), tracked in MLflow."""
+    from pipelines.tune import resume_stage, tune_stage
 
-    tune_stage(cfg, space_file=space_file)
+    if resume_name:
+        resume_stage(cfg, resume_name)
+    else:
+        tune_stage(cfg, space_file=space_file)
 
 
 @cli.command()

@@ -208,15 +208,36 @@ class RegisterConfig(_Strict):
 
 
 class TuneConfig(_Strict):
-    samples: int = Field(4, ge=1)
+    samples: int = Field(4, ge=1, description="trials (the preset's own trial included, see include_preset)")
     workers_per_trial: int = Field(1, ge=1)
     max_concurrent: Optional[int] = Field(None, ge=1)
-    scheduler: Literal["asha", "fifo"] = "asha"
+    scheduler: Literal["asha", "fifo", "pbt", "pb2"] = Field(
+        "asha", description="asha: stop bad trials early; fifo: every trial to the end; pbt: population based "
+                            "training (exploit a better trial's checkpoint, explore by mutating its values); pb2: "
+                            "PBT with a Gaussian-process explore step (continuous values only)")
     search: Literal["random", "optuna"] = "random"
     metric: str = "domain_fd"
-    report_every: int = Field(50, ge=1)
+    report_every: int = Field(50, ge=1, description="steps between a trial's scored checkpoints (its reports)")
     report_samples: int = Field(1000, ge=100)
+    perturbation_interval: Optional[int] = Field(
+        None, ge=1, description="pbt/pb2: generator steps between exploit/explore decisions; a multiple of the "
+                                "report interval (every report carries a checkpoint). Default: 2 reports")
+    pbt_synch: bool = Field(
+        True, description="pbt/pb2: every trial waits at each perturbation point until the population got there "
+                          "(a restart per trial and interval). Needed where fewer trials run at once than the "
+                          "population holds, or trials start at different times (a few cores); false on a "
+                          "cluster that runs the whole population at once")
+    include_preset: bool = Field(True, description="trial 0 trains the preset's own values (never stopped or "
+                                                   "exploited): the verdict compares the best trial with it")
+    time_budget: Optional[float] = Field(
+        None, gt=0, description="wall-clock budget of the whole sweep ('20m'): each trial trains "
+                                "time_budget x concurrent trials / samples (pipelines.tune.trial_time_budget)")
     space: Optional[dict[str, Any]] = None
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
 
 
 class PipelineConfig(_Strict):

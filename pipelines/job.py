@@ -49,6 +49,7 @@ class TrainJob:
     tracking_uri: str
     threads: Optional[int] = None     # torch threads per worker; None: the node's cores / workers
     resume_from: Optional[str] = None  # a checkpoint the driver found (newer than Ray's record of the run)
+    inherited: bool = False           # resume_from is another run's (a PBT exploit): its pending metrics are not ours
     hook_factories: tuple[Callable[[], Any], ...] = field(default=())
     score_reference: Optional[dict] = None  # scoring.prepare_reference's paths: checkpoints get scored
 

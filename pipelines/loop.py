@@ -148,6 +148,17 @@ def wrap_ddp(gan: GAN) -> None:
         gan.aux_classifier = ray.train.torch.prepare_model(gan.aux_classifier, **kwargs)
 
 
+def apply_hyperparameters(gan: GAN, cfg: PipelineConfig) -> None:
+    """The config's learning rates (and Adam's betas) on restored optimizers: their state (moments, step counts)
+    is carried over, the values are this run's own (a PBT trial that copied another's checkpoint)."""
+    o = cfg.optim
+    for optimizer, lr in ((gan.opt_g, o.lr_g), (gan.opt_d, o.lr_d)):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+            if "betas" in group:
+                group["betas"] = (o.beta1, o.beta2)
+
+
 def _reseed(seed: int, rank: int, step: int) -> None:
     """Noise streams restart at every checkpoint from (seed, rank, step): a run resumed from step S draws
     exactly the noise the uninterrupted run drew after S, and each rank draws different noise."""
@@ -213,7 +224,9 @@ class Worker:
         if checkpoint is not None:
             with checkpoint.as_directory() as ckpt_dir:
                 progress, hook_states = checkpoints.restore(self.gan, Path(ckpt_dir))
-                pending = checkpoints.read_pending_metrics(Path(ckpt_dir))
+                # another run's checkpoint (a PBT exploit): its uncommitted metrics belong to that run
+                pending = [] if self.job.inherited else checkpoints.read_pending_metrics(Path(ckpt_dir))
+            apply_hyperparameters(self.gan, self.cfg)
             self.loop.step, self.loop.resumed = progress["step"], True
             self.position = {"epoch": progress["epoch"], "batch_in_epoch": progress["batch_in_epoch"]}
             for hook in self.hooks:

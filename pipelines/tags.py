@@ -33,6 +33,15 @@ SOURCE_RUN_ID = PREFIX + "source_run_id"
 # sweeps
 STOPPED_EARLY = PREFIX + "stopped_early"
 BEST_RUN_ID = PREFIX + "best_run_id"
+SWEEP = PREFIX + "sweep"                      # the sweep's name (its folder; tune --resume NAME)
+SCHEDULER = PREFIX + "scheduler"              # asha | fifo | pbt | pb2
+PRESET_TRIAL = PREFIX + "preset_trial"        # "true" on the trial that trains the preset's own values
+PRESET_RUN_ID = PREFIX + "preset_run_id"      # on the sweep's run
+VERDICT = PREFIX + "verdict"                  # on the sweep's run: the one-line verdict
+# PBT lineage on a trial's run (the full history in its lineage.json artifact)
+EXPLOITED_FROM = PREFIX + "exploited_from"    # the trial (run name) whose checkpoint it copied last
+EXPLOITED_AT_STEP = PREFIX + "exploited_at_step"
+EXPLOITS = PREFIX + "exploits"                # how many times it copied another trial
 
 # registered model versions: what was registered, byte for byte (pipelines.integrity)
 ARTIFACTS_SHA256 = PREFIX + "artifacts_sha256"  # sha256 of the sha256sum-style listing of every file

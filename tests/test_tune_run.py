@@ -23,6 +23,7 @@ def _env(uri):
     return {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.mark.timeout(900)  # four trials one at a time (the grid's three and the preset's)
 def test_asha_sweep_tracks_trials_stops_a_bad_one_and_registers_the_best(small_mnist, tmp_path, mlflow_server):
     # a grid makes the outcome certain: the good learning rates come first, the destructive one (Adam at 0.5
     # throws G's weights around) last, run one at a time, so ASHA has good trials to compare it with.
@@ -47,7 +48,10 @@ def test_asha_sweep_tracks_trials_stops_a_bad_one_and_registers_the_best(small_m
     parents = client.search_runs([exp], filter_string="tags.gan_pipeline.stage = 'tune'")
     assert len(parents) == 1
     parent = parents[0]
-    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    # the grid's three trials, and trial 0 with the preset's own values (the verdict's reference)
+    children = [c for c in runs if c.data.tags.get("gan_pipeline.preset_trial") != "true"]
+    assert len(runs) == 4 and len(children) == 3
     assert sorted(float(c.data.params["optim.lr_g"]) for c in children) == [0.0002, 0.0005, 0.5]
     assert all(c.data.params["optim.lr_d"] == "0.0002" for c in children)
     bad = next(c for c in children if float(c.data.params["optim.lr_g"]) == 0.5)
@@ -56,7 +60,7 @@ def test_asha_sweep_tracks_trials_stops_a_bad_one_and_registers_the_best(small_m
     bad_steps = max((m.step for m in client.get_metric_history(bad.info.run_id, "g_loss")), default=0)
     assert good_steps == 16 and bad_steps < 16, "ASHA stopped the hopeless trial early"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"tune_results.csv", "metric_vs_hyperparameters.png"} <= artifacts
+    assert {"tune_results.csv", "metric_vs_hyperparameters.png", "verdict.csv", "verdict.txt"} <= artifacts
     best_run_id = parent.data.tags["gan_pipeline.best_run_id"]
     assert float(client.get_run(best_run_id).data.params["optim.lr_g"]) != 0.5
     assert bad.info.status == "KILLED" and bad.data.tags.get("gan_pipeline.stopped_early") == "true"
