@@ -15,7 +15,8 @@ class ClusterError(UserError):
 
 @contextlib.contextmanager
 def ray_session(address: Optional[str], cpus_needed: int, gpus_needed: int = 0,
-                env: Optional[dict[str, str]] = None, declare_cpus: Optional[int] = None) -> Iterator[None]:
+                env: Optional[dict[str, str]] = None, declare_cpus: Optional[int] = None,
+                worker_output: bool = True) -> Iterator[None]:
     """Start (and cleanly stop) a local Ray instance, or join ``address``; check up front that the work fits.
 
     ``cpus_needed``: what one unit of work (a training run, a Tune trial) needs; ``declare_cpus``: what the local
@@ -23,15 +24,22 @@ def ray_session(address: Optional[str], cpus_needed: int, gpus_needed: int = 0,
     ``max(cores, cpus_needed, declare_cpus)``: a worker's CPU is a scheduling token,
     the real thread count is set per worker (``torch.set_num_threads``), so 4 workers on 2 cores share them
     instead of waiting forever for CPUs that do not exist.
+
+    ``worker_output``: Ray relays every worker's and Ray process's output to this console, prefixed (Tune: the
+    trials' lines come that way). ``train`` turns it off: its progress comes through ``pipelines.progress``, a
+    failure as the exception ``fit`` raises, and the rest stays in Ray's session logs. Ray's own driver-side log
+    lines go to the product's log file either way (errors still to the console).
     """
     import ray
+
+    _ray_logs_to_file()
 
     if ray.is_initialized():  # inside a Tune trial or a caller's session: theirs to manage
         yield
         return
     # Ray Train's print patch would echo every progress line twice (stdout and its logger).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    quiet = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
+    quiet = {"log_to_driver": worker_output, "configure_logging": True, "logging_level": "INFO"}
     if address:
         _probe(address)
         # a remote cluster's workers do not share this process's environment: runtime_env is the only way there
@@ -71,6 +79,22 @@ def ray_session(address: Optional[str], cpus_needed: int, gpus_needed: int = 0,
         if not address:
             restore()
             restore_constant()
+
+
+def _ray_logs_to_file() -> None:
+    """Ray's driver-side log lines (``Started a local Ray instance``, the token-auth notice, ...) go to the product's
+    log file; only errors stay on the console."""
+    import logging
+
+    from pipelines.guard import library_log_handler
+
+    ray_logger = logging.getLogger("ray")
+    file_handler = library_log_handler()
+    for handler in ray_logger.handlers:
+        if handler is not file_handler:
+            handler.setLevel(max(handler.level, logging.ERROR))
+    if file_handler not in ray_logger.handlers:
+        ray_logger.addHandler(file_handler)
 
 
 def inherited_env(env: dict[str, str]):
