@@ -134,11 +134,11 @@ class LiveView:
 
         self.console = console or Console(file=sys.stdout)
         self.bar = Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn("{task.description}"),
-                            BarColumn(bar_width=24), TextColumn("{task.percentage:>3.0f}%"),
+                            BarColumn(bar_width=24), TextColumn("{task.fields[percent]}"),
                             TextColumn("{task.fields[where]}"), TimeElapsedColumn(),
                             TextColumn("{task.fields[detail]}"),
                             console=self.console, transient=False, refresh_per_second=4)
-        self.task = self.bar.add_task(title, total=None, where="starting workers", detail="")
+        self.task = self.bar.add_task(title, total=None, percent="", where="starting the workers", detail="")
 
     def __enter__(self) -> "LiveView":
         self.bar.start()
@@ -154,7 +154,8 @@ class LiveView:
             where += f"  {format_eta(p.budget_spent or 0)} of {format_eta(p.budget_seconds)}"
         losses = "  ".join(f"{k} {v:.3f}" for k, v in p.losses.items())
         detail = f"{losses}  {p.images_per_second:,.0f} img/s  ETA {format_eta(p.eta_seconds)}"
-        self.bar.update(self.task, total=1.0, completed=min(p.fraction, 1.0), where=where, detail=detail)
+        self.bar.update(self.task, total=1.0, completed=min(p.fraction, 1.0), percent=f"{100 * p.fraction:3.0f}%",
+                        where=where, detail=detail)
 
     def __exit__(self, *exc) -> None:
         self.bar.stop()

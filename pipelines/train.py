@@ -141,7 +141,7 @@ def run_training(cfg: PipelineConfig, mlflow_client, uri: str, run_name: str, ru
                            resume_from=str(resume_from) if resume_from else None, score_reference=reference,
                            progress_board=board)
             trainer = build_trainer(cfg, job, run_name=run_name)
-            view = progress.view_for_console(f"training {run_name}",
+            view = progress.view_for_console("train",
                                              print_fn=None if console_print is print else console_print)
             with _system_metrics(run_id), progress.relayed(board, view):
                 result = fit(trainer, mlflow_client, run_id)

@@ -24,6 +24,7 @@ def test_live_view_on_a_terminal_shows_step_losses_speed_and_eta_and_prints_mess
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=160, color_system=None)
     with LiveView("training run-1", console=console) as view:
+        assert "%" not in out.getvalue()  # before the first step: no made-up percentage
         view.show("[gan-pipeline] resumed from checkpoint at step 20/100")
         view.show(_progress())
     text = out.getvalue()
