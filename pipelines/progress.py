@@ -151,7 +151,7 @@ class LiveView:
         p = event
         where = f"step {p.step}/{p.total_steps}" if p.total_steps else f"step {p.step}"
         if p.budget_seconds:
-            where += f"  {format_eta(p.budget_spent or 0)} of {format_eta(p.budget_seconds)}"
+            where += f"  {format_eta(min(p.budget_spent or 0, p.budget_seconds))} of {format_eta(p.budget_seconds)}"
         losses = "  ".join(f"{k} {v:.3f}" for k, v in p.losses.items())
         detail = f"{losses}  {p.images_per_second:,.0f} img/s  ETA {format_eta(p.eta_seconds)}"
         self.bar.update(self.task, total=1.0, completed=min(p.fraction, 1.0), percent=f"{100 * p.fraction:3.0f}%",

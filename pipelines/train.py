@@ -133,7 +133,7 @@ def run_training(cfg: PipelineConfig, mlflow_client, uri: str, run_name: str, ru
     status = "FAILED"
     try:
         with ray_session(cfg.train.address, cpus_needed=cpus, gpus_needed=workers if cfg.train.gpu else 0,
-                         env=tracking.worker_env(uri), worker_output=False):
+                         env=tracking.worker_env(uri), worker_output=False, lean=True):
             # after joining the cluster: a wrong address fails in seconds, not after the classifier's training
             reference = prepare_reference(cfg, data_path, manifest) if cfg.train.score_checkpoints else None
             board = progress.create_board()
