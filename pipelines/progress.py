@@ -170,6 +170,23 @@ def view_for_console(title: str, print_fn: Optional[Callable[[str], None]] = Non
 
 
 @contextlib.contextmanager
+def stage_spinner(name: str, stream=None) -> Iterator[None]:
+    """A stage without steps to count (evaluate, register): a spinner and the time it has taken, on a terminal
+    only; what the stage prints goes above it."""
+    stream = stream or sys.stdout
+    if not stream.isatty():
+        yield
+        return
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn(name), TimeElapsedColumn(),
+                  console=Console(file=stream), transient=True) as spinner:
+        spinner.add_task(name, total=None)
+        yield
+
+
+@contextlib.contextmanager
 def relayed(board, view, poll_seconds: float = 0.5) -> Iterator[None]:
     """Show what arrives on ``board`` with ``view`` while the block runs (a Ray Train ``fit``), then what is
     left on it."""

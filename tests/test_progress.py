@@ -82,3 +82,16 @@ def test_a_worker_console_publishes_to_the_board_in_order_or_prints_without_one(
     printed: list[str] = []
     WorkerConsole(print_fn=printed.append).progress(_progress())
     assert printed == [_progress().line()]
+
+
+def test_a_stage_spinner_only_on_a_terminal():
+    from pipelines.progress import stage_spinner
+
+    piped = io.StringIO()
+    with stage_spinner("evaluate", stream=piped):
+        pass
+    assert piped.getvalue() == ""  # logs stay clean
+    terminal = _Terminal()
+    with stage_spinner("evaluate", stream=terminal):
+        pass
+    assert "evaluate" in terminal.getvalue()
