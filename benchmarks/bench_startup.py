@@ -82,16 +82,10 @@ def pipeline_rate(args, tmp: Path, data: str, log_every: int) -> tuple[float, fl
     uri = f"sqlite:///{tmp}/mlflow-{name}.db"
     cmd = train_cmd(args, tmp, name, data, "--max-steps", str(args.steps), "--log-every", str(log_every),
                     "--checkpoint-every", str(args.steps), "--sample-every", str(args.steps))
-    proc = subprocess.run(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    from mlflow.tracking import MlflowClient
+    from benchmarks.bench_speed import steady_throughput
 
-    client = MlflowClient(uri)
-    run = client.search_runs([client.get_experiment_by_name("gan-pipeline").experiment_id])[0]
-    hist = sorted(client.get_metric_history(run.info.run_id, "images_per_second"), key=lambda m: m.step)
-    steady = [m.value for m in hist[1:-1]] or [m.value for m in hist]
-    return statistics.median(steady), min(steady), max(steady), " ".join(cmd)
+    med, lo, hi, _ = steady_throughput(cmd, uri)
+    return med, lo, hi, " ".join(cmd)
 
 
 def main() -> None:
