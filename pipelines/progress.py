@@ -187,7 +187,7 @@ def stage_spinner(name: str, stream=None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def relayed(board, view, poll_seconds: float = 0.5) -> Iterator[None]:
+def relayed(board, view, poll_seconds: float = 1.0) -> Iterator[None]:
     """Show what arrives on ``board`` with ``view`` while the block runs (a Ray Train ``fit``), then what is
     left on it."""
     import ray
