@@ -215,6 +215,13 @@ def pipeline_rate(data_path: str, resolution: int, args, tmp: Path, workers: int
            "--ngf", str(args.ngf), "--ndf", str(args.ngf), "--log-every", str(max(steps // 12, 1)),
            "--checkpoint-every", str(steps), "--sample-every", str(steps), "--precision", precision,
            "--runs-dir", str(tmp / f"runs-{name}"), "--run-name", name]
+    med, lo, hi, wall = steady_throughput(cmd, uri)
+    return med, lo, hi, wall, " ".join(cmd)
+
+
+def steady_throughput(cmd: list[str], uri: str) -> tuple[float, float, float, float]:
+    """Run a `gan-pipeline train` command tracked at ``uri``; the median, min and max of its MLflow
+    ``images_per_second`` windows, and its wall time."""
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -227,7 +234,7 @@ def pipeline_rate(data_path: str, resolution: int, args, tmp: Path, workers: int
     hist = sorted(client.get_metric_history(run.info.run_id, "images_per_second"), key=lambda m: m.step)
     # The first window holds the first steps' allocations; the last one the final checkpoint and sample grid.
     steady = [m.value for m in hist[1:-1]] or [m.value for m in hist]
-    return statistics.median(steady), min(steady), max(steady), wall, " ".join(cmd)
+    return statistics.median(steady), min(steady), max(steady), wall
 
 
 def part_b(args, tmp: Path) -> None:

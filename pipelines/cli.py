@@ -363,6 +363,8 @@ def main() -> None:
 
     # Progress lines of our own are printed where they matter; MLflow's per-download bars only clutter the log.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow's INFO lines (creating database tables, system metrics started/stopped) are not the user's concern.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     cli(prog_name="gan-pipeline")
 
 

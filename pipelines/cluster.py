@@ -15,7 +15,8 @@ class ClusterError(UserError):
 
 @contextlib.contextmanager
 def ray_session(address: Optional[str], cpus_needed: int, gpus_needed: int = 0,
-                env: Optional[dict[str, str]] = None, declare_cpus: Optional[int] = None) -> Iterator[None]:
+                env: Optional[dict[str, str]] = None, declare_cpus: Optional[int] = None,
+                worker_output: bool = True, lean: bool = False) -> Iterator[None]:
     """Start (and cleanly stop) a local Ray instance, or join ``address``; check up front that the work fits.
 
     ``cpus_needed``: what one unit of work (a training run, a Tune trial) needs; ``declare_cpus``: what the local
@@ -23,15 +24,25 @@ def ray_session(address: Optional[str], cpus_needed: int, gpus_needed: int = 0,
     ``max(cores, cpus_needed, declare_cpus)``: a worker's CPU is a scheduling token,
     the real thread count is set per worker (``torch.set_num_threads``), so 4 workers on 2 cores share them
     instead of waiting forever for CPUs that do not exist.
+
+    ``worker_output``: Ray relays every worker's and Ray process's output to this console, prefixed (Tune: the
+    trials' lines come that way). ``train`` turns it off: its progress comes through ``pipelines.progress``, a
+    failure as the exception ``fit`` raises, and the rest stays in Ray's session logs. Ray's own driver-side log
+    lines go to the product's log file either way (errors still to the console).
+
+    ``lean`` (a local instance only; ``--address`` clusters are as their owner set them up): only the services a
+    local training run needs, see ``LEAN_LOCAL_ENV``: faster to start, and less of the machine taken while training.
     """
     import ray
+
+    _ray_logs_to_file()
 
     if ray.is_initialized():  # inside a Tune trial or a caller's session: theirs to manage
         yield
         return
     # Ray Train's print patch would echo every progress line twice (stdout and its logger).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    quiet = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
+    quiet = {"log_to_driver": worker_output, "configure_logging": True, "logging_level": "INFO"}
     if address:
         _probe(address)
         # a remote cluster's workers do not share this process's environment: runtime_env is the only way there
@@ -48,17 +59,19 @@ def ray_session(address: Optional[str], cpus_needed: int, gpus_needed: int = 0,
             import torch
 
             gpus = torch.cuda.device_count()
-        # The dashboard binds 127.0.0.1 unless told otherwise; Ray Train's state API needs it.
+        # The dashboard binds 127.0.0.1 unless told otherwise (a lean instance has none).
         # address="local": always a fresh instance, never a cluster that `ray start` left on this machine.
         # Local workers inherit this process's environment (raylet and workers are its children), so secrets
         # reach them without runtime_env, whose env_vars Ray writes in clear text to its session logs.
-        restore = inherited_env({**(env or {}), **local_auth_env(), **LOOPBACK_ENV, **_own_address_env()})
+        restore = inherited_env({**(env or {}), **local_auth_env(), **LOOPBACK_ENV, **_own_address_env(),
+                                 **(LEAN_LOCAL_ENV if lean else {})})
         restore_constant = _loopback_node_address()
         try:
             # every address Ray lets us choose on loopback (its gRPC servers still bind the wildcard, guarded by
             # the token; docs/reliability.md, Security)
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed, declare_cpus or 0),
-                     num_gpus=gpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **quiet)
+                     num_gpus=gpus, include_dashboard=not lean, dashboard_host="127.0.0.1",
+                     _node_ip_address="127.0.0.1", **quiet)
         except BaseException:
             restore()
             restore_constant()
@@ -71,6 +84,34 @@ def ray_session(address: Optional[str], cpus_needed: int, gpus_needed: int = 0,
         if not address:
             restore()
             restore_constant()
+
+
+# What a lean local instance goes without, and what that loses (README, "Measured"):
+#   include_dashboard=False                 the dashboard's web server and its modules (a Python process with a
+#                                           poll loop): no Ray dashboard for a local run (MLflow is the product's UI)
+#   RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0   Train's actor that polls for node drains every 5 s: nothing to drain on
+#                                           one machine (and its error-level line at every start is gone)
+#   RAY_TRAIN_METRICS_ENABLED=0,            Train's and Ray's Prometheus metrics export (nothing scrapes a local
+#   RAY_enable_metrics_collection=0         instance); MLflow holds the run's metrics and system metrics
+#   RAY_USAGE_STATS_ENABLED=0               Ray's usage-stats report (it is off offline anyway)
+LEAN_LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0",
+                  "RAY_enable_metrics_collection": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def _ray_logs_to_file() -> None:
+    """Ray's driver-side log lines (``Started a local Ray instance``, the token-auth notice, ...) go to the product's
+    log file; only errors stay on the console."""
+    import logging
+
+    from pipelines.guard import library_log_handler
+
+    ray_logger = logging.getLogger("ray")
+    file_handler = library_log_handler()
+    for handler in ray_logger.handlers:
+        if handler is not file_handler:
+            handler.setLevel(max(handler.level, logging.ERROR))
+    if file_handler not in ray_logger.handlers:
+        ray_logger.addHandler(file_handler)
 
 
 def inherited_env(env: dict[str, str]):

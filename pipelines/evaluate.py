@@ -93,7 +93,8 @@ def resolve_model_uri(mlflow_client, model_uri: str) -> str:
 
 
 def evaluate_stage(cfg: PipelineConfig, run_id: Optional[str] = None, checkpoint: Optional[str] = None,
-                   model_uri: Optional[str] = None, out: Optional[str] = None) -> dict[str, float]:
+                   model_uri: Optional[str] = None, out: Optional[str] = None, table: bool = True) -> dict[str, float]:
+    """``table``: print every metric (``gan-pipeline run`` shows the main ones in its summary instead)."""
     given = [x for x in (run_id, checkpoint, model_uri) if x]
     if len(given) != 1:
         raise UserError("name exactly one generator: --run-id ID, --checkpoint DIR or --model-uri models:/NAME@ALIAS")
@@ -157,7 +158,10 @@ def evaluate_stage(cfg: PipelineConfig, run_id: Optional[str] = None, checkpoint
 
         with failed_on_error() as created:  # an evaluation run it creates ends FAILED if logging fails
             _log(mlflow_client, run_id, metrics, out_dir, cfg, model_uri, classifier, data_path, manifest, created)
-    _print_metrics(metrics, out_dir)
+    if table:
+        _print_metrics(metrics, out_dir)
+    else:
+        print(f"[gan-pipeline] metrics ({len(metrics)}) in MLflow and in {out_dir / 'metrics.json'}")
     return metrics
 
 

@@ -37,6 +37,6 @@ class FaultInjector(Hook):
             self.kill()
 
 
-def fault_hooks_from_env() -> list[Hook]:
+def fault_hooks_from_env(print_fn: Callable[[str], None] = console_print) -> list[Hook]:
     spec: Optional[str] = os.environ.get(FAULT_ENV)
-    return [FaultInjector(spec, delay=float(os.environ.get(DELAY_ENV, "5")))] if spec else []
+    return [FaultInjector(spec, delay=float(os.environ.get(DELAY_ENV, "5")), print_fn=print_fn)] if spec else []

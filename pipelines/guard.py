@@ -12,6 +12,7 @@ Every message and every log line goes through ``pipelines.secrets.redact_text`` 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -58,6 +59,39 @@ def write_error_log(exc: BaseException, kind: str = "internal-error") -> str:
         return str(path)
     except OSError as err:
         return f"(none: could not write a log under {folder}: {err.strerror or err})"
+
+
+class _PrivateFileHandler(logging.FileHandler):
+    """A log file only the user can read, created at its first line (most commands never write one)."""
+
+    def _open(self):
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return os.fdopen(fd, self.mode, encoding=self.encoding)
+
+
+_LIBRARY_LOG: list[logging.Handler] = []
+
+
+def library_log_handler() -> logging.Handler:
+    """This process's log file for what libraries log that the console does not show (Ray's INFO and WARNING
+    lines), next to the error logs: ``<log_dir>/libraries-<time>-<pid>.log``, mode 0600, redacted."""
+    if not _LIBRARY_LOG:
+        folder = log_dir()
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            handler: logging.Handler = _PrivateFileHandler(
+                folder / f"libraries-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log", delay=True)
+        except OSError:
+            handler = logging.NullHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(_redact_record)
+        _LIBRARY_LOG.append(handler)
+    return _LIBRARY_LOG[0]
+
+
+def _redact_record(record: logging.LogRecord) -> bool:
+    record.msg, record.args = redact_text(record.getMessage()), None
+    return True
 
 
 def without_traceback(message: str) -> str:

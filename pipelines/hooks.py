@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from pipelines import tags, tracking
+from pipelines.progress import TrainingProgress, WorkerConsole, format_eta
 from pipelines.training_metrics import CONSOLE_LOSSES, IMAGES_PER_SECOND, LR_SCALE
 
 
@@ -104,38 +105,37 @@ class Hook:
     def after_checkpoint(self, loop: LoopState) -> None: ...
 
 
-def format_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 class ConsoleProgress(Hook):
-    """One line per log step: losses, throughput and the time left."""
+    """Where the run stands at every log step (losses, throughput, time left), to the worker's console: the
+    driver's live display or its plain lines (``pipelines.progress``)."""
 
-    def __init__(self, print_fn: Callable[[str], None] = console_print):
-        self.print = print_fn
+    def __init__(self, console: Optional[WorkerConsole] = None):
+        self.console = console or WorkerConsole()
         self.window_start, self.window_step = time.perf_counter(), 0
 
     def on_resume(self, loop: LoopState, pending: list) -> None:
         self.window_step = loop.step
-        self.print(f"[gan-pipeline] resumed from checkpoint at step {loop.step}/{loop.total_steps or '-'}")
+        self.console.message(f"[gan-pipeline] resumed from checkpoint at step {loop.step}/{loop.total_steps or '-'}")
 
     def on_log(self, loop: LoopState, values: dict[str, float]) -> None:
         now = time.perf_counter()
         seconds_per_step = (now - self.window_start) / max(loop.step - self.window_step, 1)
         self.window_start, self.window_step = now, loop.step
-        losses = "  ".join(f"{k} {values[k]:.4f}" for k in CONSOLE_LOSSES if k in values)
         # progress and time left: by steps, by the time budget, whichever ends first
         done, left = [], []
         if loop.total_steps:
             done.append(loop.step / loop.total_steps)
             left.append((loop.total_steps - loop.step) * seconds_per_step)
-        if loop.time_budget is not None:
-            done.append(loop.time_budget.spent() / loop.time_budget.seconds)
-            left.append(loop.time_budget.seconds - loop.time_budget.spent())
-        of = f"/{loop.total_steps}" if loop.total_steps else ""
-        self.print(f"[gan-pipeline] step {loop.step}{of} ({100 * min(max(done), 1):.0f}%)  "
-                   f"epoch {loop.epoch}  {losses}  {values[IMAGES_PER_SECOND]:.0f} img/s  ETA {format_eta(min(left))}")
+        budget = loop.time_budget
+        if budget is not None:
+            done.append(budget.spent() / budget.seconds)
+            left.append(budget.seconds - budget.spent())
+        self.console.progress(TrainingProgress(
+            step=loop.step, total_steps=loop.total_steps, epoch=loop.epoch,
+            losses={k: values[k] for k in CONSOLE_LOSSES if k in values}, images_per_second=values[IMAGES_PER_SECOND],
+            fraction=min(max(done), 1.0), eta_seconds=min(left),
+            budget_spent=budget.spent() if budget else None, budget_seconds=budget.seconds if budget else None,
+        ), wait=loop.at_checkpoint or loop.last)
 
 
 class TimeBudget(Hook):
@@ -292,11 +292,13 @@ class MLflowCommitter(Hook):
         self.client.set_tag(self.run_id, tags.DIVERGED, message)
 
 
-def default_hooks(gan, loop: LoopState, mlflow_client, run_id: str, print_fn: Callable[[str], None] = console_print) -> list[Hook]:
+def default_hooks(gan, loop: LoopState, mlflow_client, run_id: str,
+                  console: Optional[WorkerConsole] = None) -> list[Hook]:
     """A worker's own hooks. Order matters where hooks build on each other: the divergence guard sees the
-    values before the console prints them, and the committer comes last."""
+    values before the console shows them, and the committer comes last."""
     if not loop.is_chief:
         return [DivergenceGuard()]
+    console = console or WorkerConsole()
     committer = MLflowCommitter(mlflow_client, run_id)
-    return [DivergenceGuard(committer.mark_diverged, print_fn), ConsoleProgress(print_fn),
+    return [DivergenceGuard(committer.mark_diverged, console.message), ConsoleProgress(console),
             SampleGrids(gan, loop.seed), committer]

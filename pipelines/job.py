@@ -52,6 +52,7 @@ class TrainJob:
     inherited: bool = False           # resume_from is another run's (a PBT exploit): its pending metrics are not ours
     hook_factories: tuple[Callable[[], Any], ...] = field(default=())
     score_reference: Optional[dict] = None  # scoring.prepare_reference's paths: checkpoints get scored
+    progress_board: Any = None        # the driver's pipelines.progress board (a Ray actor); None: print
 
     def __post_init__(self) -> None:
         paths = {"data_path": self.data_path, "runs_dir": self.config["runs_dir"],

@@ -22,6 +22,7 @@ from pipelines.config import PipelineConfig, config_from_dict
 from pipelines.faults import fault_hooks_from_env
 from pipelines.hooks import GeneratorAverage, Hook, LearningRateDecay, LoopState, StopTraining, TimeBudget, default_hooks
 from pipelines.job import TrainJob
+from pipelines.progress import WorkerConsole
 from pipelines.training_metrics import EPOCH, IMAGES_PER_SECOND, REPLICA_MAX_ABS_DIFF
 
 
@@ -208,8 +209,10 @@ class Worker:
         self.loop = LoopState(self.gan, rank, world, total_steps(self.cfg, self.reader.steps_per_epoch),
                               t.checkpoint_every, t.log_every, t.sample_every, t.seed)
         client = tracking.client(job.tracking_uri) if rank == 0 else None
-        self.hooks: list[Hook] = [*fault_hooks_from_env(), *quality_hooks(self.cfg, self.gan, self.loop, job.score_reference),
-                                  *default_hooks(self.gan, self.loop, client, job.run_id),
+        console = WorkerConsole(job.progress_board)
+        self.hooks: list[Hook] = [*fault_hooks_from_env(console.message),
+                                  *quality_hooks(self.cfg, self.gan, self.loop, job.score_reference),
+                                  *default_hooks(self.gan, self.loop, client, job.run_id, console),
                                   *(make() for make in job.hook_factories)]
         self.position = {"epoch": 0, "batch_in_epoch": 0}
 

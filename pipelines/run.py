@@ -6,6 +6,7 @@ from its last checkpoint). Stages talk to each other only through these recorded
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from pipelines import progress
 from pipelines.config import PipelineConfig
 from pipelines.errors import UserError
 from pipelines.files import atomic_write
@@ -55,7 +57,8 @@ def _train(cfg: PipelineConfig, upstream: dict, wf: "Workflow") -> dict:
 def _evaluate(cfg: PipelineConfig, upstream: dict, wf: "Workflow") -> dict:
     from pipelines.evaluate import evaluate_stage
 
-    metrics = evaluate_stage(cfg, run_id=upstream["train"]["run_id"], out=str(wf.directory / "evaluation"))
+    metrics = evaluate_stage(cfg, run_id=upstream["train"]["run_id"], out=str(wf.directory / "evaluation"),
+                             table=False)  # the summary table shows the main ones
     return {"metrics": metrics}
 
 
@@ -145,7 +148,9 @@ def run_stage(cfg: PipelineConfig, run_name: Optional[str] = None) -> dict:
         start = time.perf_counter()
         wf.state["stages"][stage.name] = {"inputs": inputs, "status": "running"}
         wf.save()
-        outputs = stage.run(cfg, upstream, wf)
+        # training shows its own live display; the other stages a spinner (on a terminal)
+        with progress.stage_spinner(stage.name) if stage.name != "train" else contextlib.nullcontext():
+            outputs = stage.run(cfg, upstream, wf)
         seconds = time.perf_counter() - start
         wf.state["stages"][stage.name] = {"inputs": inputs, "status": "done", "outputs": outputs,
                                           "seconds": round(seconds, 1)}

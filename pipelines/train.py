@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from pipelines import checkpoints, package_version, tags, tracking
+from pipelines import checkpoints, package_version, progress, tags, tracking
 from pipelines.cluster import ray_session
 from pipelines.config import PipelineConfig, config_from_dict
 from pipelines.errors import UserError
@@ -133,13 +133,17 @@ def run_training(cfg: PipelineConfig, mlflow_client, uri: str, run_name: str, ru
     status = "FAILED"
     try:
         with ray_session(cfg.train.address, cpus_needed=cpus, gpus_needed=workers if cfg.train.gpu else 0,
-                         env=tracking.worker_env(uri)):
+                         env=tracking.worker_env(uri), worker_output=False, lean=True):
             # after joining the cluster: a wrong address fails in seconds, not after the classifier's training
             reference = prepare_reference(cfg, data_path, manifest) if cfg.train.score_checkpoints else None
+            board = progress.create_board()
             job = make_job(cfg, data_path=data_path, run_id=run_id, tracking_uri=uri,
-                           resume_from=str(resume_from) if resume_from else None, score_reference=reference)
+                           resume_from=str(resume_from) if resume_from else None, score_reference=reference,
+                           progress_board=board)
             trainer = build_trainer(cfg, job, run_name=run_name)
-            with _system_metrics(run_id):
+            view = progress.view_for_console("train",
+                                             print_fn=None if console_print is print else console_print)
+            with _system_metrics(run_id), progress.relayed(board, view):
                 result = fit(trainer, mlflow_client, run_id)
         status = "FINISHED"
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ from pipelines.faults import FaultInjector, fault_hooks_from_env
 from pipelines.hooks import (ConsoleProgress, DivergenceGuard, Hook, LoopState, MLflowCommitter, SampleGrids,
                              StopTraining, default_hooks, format_eta)
 from pipelines.job import TrainJob, absolute_tracking_uri
+from pipelines.progress import WorkerConsole
 from pipelines.training_metrics import IMAGES_PER_SECOND, TRAINING_METRICS
 from tests.helpers import constant_batches
 
@@ -91,7 +92,7 @@ def test_divergence_guard_stops_every_rank_and_rank_0_records_why():
 
 def test_console_progress_prints_losses_throughput_and_time_left():
     lines = []
-    hook = ConsoleProgress(lines.append)
+    hook = ConsoleProgress(WorkerConsole(print_fn=lines.append))
     loop = _loop(step=4)
     hook.on_log(loop, {"d_loss": 0.5, "g_loss": 2.0, IMAGES_PER_SECOND: 100.0})
     assert lines[0].startswith("[gan-pipeline] step 4/10 (40%)") and "d_loss 0.5000" in lines[0]
