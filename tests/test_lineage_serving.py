@@ -198,3 +198,28 @@ def test_sweep_and_its_trials_list_the_dataset_as_training_input(trained):
         [(dataset, context)] = _dataset_inputs(run)
         assert context == "training"
         _assert_is_the_prepared_dataset(dataset, trained["data"])
+
+
+def test_screenshots_of_the_mlflow_ui_show_the_runs_and_the_ranked_checkpoints(trained, tmp_path):
+    """docs/screenshots.py in headless Chromium against the session's server: non-blank PNGs of the README's size."""
+    import importlib.util
+
+    from PIL import Image, ImageStat
+
+    spec = importlib.util.spec_from_file_location("screenshots", Path(__file__).parents[1] / "docs" / "screenshots.py")
+    screenshots = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screenshots)
+    browser = screenshots.chromium()
+    if browser is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium): the MLflow UI cannot be captured")
+    pages = {p.file: p for p in screenshots.pages(trained["uri"], EXPERIMENT, trained["name"])}
+    assert set(pages) == {"mlflow_runs.png", "mlflow_run_samples.png", "mlflow_run_sample_grid.png",
+                          "mlflow_models_tab.png", "mlflow_registry.png"}
+    # each page is captured only once it shows its run / its checkpoint models (Browser.shoot waits for the text)
+    saved = screenshots.capture_all(browser, [pages["mlflow_runs.png"], pages["mlflow_models_tab.png"]], tmp_path)
+    width, height = screenshots.SAVED_WIDTH, round(screenshots.WINDOW[1] * screenshots.SAVED_WIDTH / screenshots.WINDOW[0])
+    for path in saved:
+        image = Image.open(path)
+        assert image.format == "PNG" and image.size == (width, height)
+        assert path.stat().st_size < 300_000
+        assert max(ImageStat.Stat(image.convert("L")).stddev) > 20, f"{path.name} is blank"
