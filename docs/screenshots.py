@@ -143,7 +143,7 @@ def pages(uri: str, experiment: str, model: str | None = None) -> list[Page]:
         shots.append(Page("mlflow_run_sample_grid.png", f"{base}/runs/{run.info.run_id}/artifacts/{grids[-1]}?{view}",
                           "the run's last sample grid (one row per class)", "samples+step+"))
     shots.append(Page("mlflow_models_tab.png", f"{base}/models?{view}",
-                      "scored checkpoints as LoggedModels, ranked by domain FD", f"{run.info.run_name}-step"))
+                      "scored checkpoints as LoggedModels (domain FD among their metrics)", f"{run.info.run_name}-step"))
     model = model or next((v.name for v in client.search_model_versions(f"run_id = '{run.info.run_id}'")), None)
     if model:
         shots.append(Page("mlflow_registry.png", f"{uri}/#/models/{model}?{view}", "the registered generator, its versions"
