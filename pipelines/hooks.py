@@ -268,14 +268,20 @@ class SampleGrids(Hook):
 
 class MLflowCommitter(Hook):
     """Exactly-once metrics: what a checkpoint covers is committed after that checkpoint is persisted, and a
-    resumed run commits the pending metrics of the checkpoint it restored if MLflow does not hold them yet."""
+    resumed run commits the pending metrics of the checkpoint it restored if MLflow does not hold them yet.
+    ``checkpoint_models`` (``pipelines.checkpoint_models.CheckpointModels``): scored checkpoints become LoggedModels
+    their metrics are linked to."""
 
-    def __init__(self, client, run_id: str):
-        self.client, self.run_id = client, run_id
+    def __init__(self, client, run_id: str, checkpoint_models=None):
+        self.client, self.run_id, self.models = client, run_id, checkpoint_models
 
     def _commit(self, pending: list) -> None:
         done = tracking.committed_step(self.client, self.run_id)
-        tracking.commit_metrics(self.client, self.run_id, pending, after_step=done)
+        model_ids = self.models.link(pending, committed_step=done) if self.models is not None else {}
+        tracking.commit_metrics(self.client, self.run_id, pending, after_step=done, model_ids=model_ids,
+                                dataset=self.models.dataset if self.models is not None else None)
+        if model_ids:
+            self.models.finalize(model_ids)
 
     def on_resume(self, loop: LoopState, pending: list) -> None:
         self._commit(pending)
@@ -293,12 +299,12 @@ class MLflowCommitter(Hook):
 
 
 def default_hooks(gan, loop: LoopState, mlflow_client, run_id: str,
-                  console: Optional[WorkerConsole] = None) -> list[Hook]:
+                  console: Optional[WorkerConsole] = None, checkpoint_models=None) -> list[Hook]:
     """A worker's own hooks. Order matters where hooks build on each other: the divergence guard sees the
     values before the console shows them, and the committer comes last."""
     if not loop.is_chief:
         return [DivergenceGuard()]
     console = console or WorkerConsole()
-    committer = MLflowCommitter(mlflow_client, run_id)
+    committer = MLflowCommitter(mlflow_client, run_id, checkpoint_models)
     return [DivergenceGuard(committer.mark_diverged, console.message), ConsoleProgress(console),
             SampleGrids(gan, loop.seed), committer]

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from pipelines import checkpoints, tags, tracking
+from pipelines import checkpoint_models, checkpoints, tags, tracking
 from pipelines.config import PipelineConfig
 from pipelines.errors import TrainingDiverged, UserError
 from pipelines.files import absolute_path
@@ -105,8 +105,8 @@ def fit(trainer, mlflow_client, run_id: str):
 def finish_run(mlflow_client, run_id: str, ckpt: Path, checkpoint_uri: str, storage: str, run_name: str,
                generator_checkpoint: Optional[str] = None) -> None:
     """Generator weights + config as run artifacts (what evaluate/register read) from ``ckpt`` (the best
-    checkpoint, ``generator_checkpoint``), a loss-curve figure, where the checkpoints are (``checkpoint_uri``: the
-    latest, to resume from), and the run marked finished."""
+    checkpoint, ``generator_checkpoint``, and its LoggedModel), a loss-curve figure, where the checkpoints are
+    (``checkpoint_uri``: the latest, to resume from), and the run marked finished."""
     for name in (checkpoints.GENERATOR_FILE, checkpoints.CONFIG_FILE):
         mlflow_client.log_artifact(run_id, str(ckpt / name), artifact_path=checkpoints.GENERATOR_ARTIFACT_DIR)
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,5 +115,9 @@ def finish_run(mlflow_client, run_id: str, ckpt: Path, checkpoint_uri: str, stor
         mlflow_client.log_artifact(run_id, str(curve))
     mlflow_client.set_tag(run_id, tags.CHECKPOINT_DIR, checkpoint_uri)
     mlflow_client.set_tag(run_id, tags.GENERATOR_CHECKPOINT, generator_checkpoint or checkpoint_uri)
+    # the LoggedModel of that checkpoint (scored runs): what register materializes and registers
+    model_id = checkpoint_models.generator_model_id(mlflow_client, run_id, generator_checkpoint or checkpoint_uri)
+    if model_id:
+        mlflow_client.set_tag(run_id, tags.GENERATOR_MODEL_ID, model_id)
     mlflow_client.set_tag(run_id, tags.STORAGE, f"{storage}/{run_name}")
     mlflow_client.set_terminated(run_id, status="FINISHED")

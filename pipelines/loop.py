@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from gan_models import GAN, build_gan, performance, train_step
 from gan_models.sampling import from_uint8
-from pipelines import checkpoints, tracking
+from pipelines import checkpoint_models, checkpoints, tracking
 from pipelines.config import PipelineConfig, config_from_dict
 from pipelines.faults import fault_hooks_from_env
 from pipelines.hooks import GeneratorAverage, Hook, LearningRateDecay, LoopState, StopTraining, TimeBudget, default_hooks
@@ -210,9 +210,13 @@ class Worker:
                               t.checkpoint_every, t.log_every, t.sample_every, t.seed)
         client = tracking.client(job.tracking_uri) if rank == 0 else None
         console = WorkerConsole(job.progress_board)
+        # scored checkpoints are recorded as MLflow LoggedModels (the experiment's Models tab ranks them)
+        models = (checkpoint_models.for_worker(client, job.run_id, self.cfg, manifest)
+                  if rank == 0 and job.score_reference is not None else None)
         self.hooks: list[Hook] = [*fault_hooks_from_env(console.message),
                                   *quality_hooks(self.cfg, self.gan, self.loop, job.score_reference),
-                                  *default_hooks(self.gan, self.loop, client, job.run_id, console),
+                                  *default_hooks(self.gan, self.loop, client, job.run_id, console,
+                                                 checkpoint_models=models),
                                   *(make() for make in job.hook_factories)]
         self.position = {"epoch": 0, "batch_in_epoch": 0}
 

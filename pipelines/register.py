@@ -109,6 +109,49 @@ def _log_on_run(mlflow, client, run, **log_kwargs):
     return info
 
 
+def _picked_model(client, run):
+    """The LoggedModel of the checkpoint the run's generator came from (``finish_run`` names it), or None: a run
+    trained without checkpoint scoring, or before checkpoints were recorded as models."""
+    from mlflow.exceptions import MlflowException
+
+    model_id = run.data.tags.get(tags.GENERATOR_MODEL_ID)
+    if not model_id:
+        return None
+    try:
+        return client.get_logged_model(model_id)
+    except MlflowException as exc:
+        if registry.is_not_found(exc):
+            return None
+        raise
+
+
+def _holds_model(client, model) -> bool:
+    """Whether the LoggedModel already holds an MLflow model (a previous register of the run materialized it)."""
+    return any(f.path == "MLmodel" for f in client.list_logged_model_artifacts(model.model_id))
+
+
+def _log_and_register(mlflow, client, run, registered_model_name: str, **log_kwargs) -> tuple[str, str]:
+    """Registering picks one of the run's checkpoint models: the best one's LoggedModel receives the pyfunc (once;
+    a later register of the same run registers the same model again) and the version links to it. Runs without
+    one log a new LoggedModel, as before. Returns (version, model URI)."""
+    from mlflow.entities import LoggedModelStatus
+
+    picked = _picked_model(client, run)
+    if picked is None:
+        info = _log_on_run(mlflow, client, run, name=MODEL_NAME, registered_model_name=registered_model_name,
+                           **log_kwargs)
+        return str(info.registered_model_version), info.model_uri
+    model_uri = f"models:/{picked.model_id}"
+    if picked.status == LoggedModelStatus.READY and _holds_model(client, picked):
+        # its files are what earlier versions' digests cover: registered again, never rewritten
+        version = mlflow.register_model(model_uri, registered_model_name)
+        return str(version.version), model_uri
+    # no run is started: the model is the run's output already, with its metrics (pipelines.checkpoint_models)
+    info = mlflow.pyfunc.log_model(name=picked.name, model_id=picked.model_id,
+                                   registered_model_name=registered_model_name, **log_kwargs)
+    return str(info.registered_model_version), model_uri
+
+
 def register_stage(cfg: PipelineConfig, run_id: str) -> dict:
     """Register the generator of training run ``run_id`` as a new version; alias it ``registry.alias``.
 
@@ -171,9 +214,8 @@ def register_stage(cfg: PipelineConfig, run_id: str) -> dict:
             "class_names": class_names, "model_family": family, "dataset": dataset, "manifest_hash": manifest,
             "source_run_id": run_id, "output_range": [-1.0, 1.0],
         }}
-        info = _log_on_run(
+        version, model_uri = _log_and_register(
             mlflow, client, run,
-            name=MODEL_NAME,
             python_model=str(GENERATOR_MODEL_FILE),
             artifacts={"weights": str(weights), "config": str(config_path)},
             code_paths=[str(Path(gan_models.__file__).resolve().parent)],
@@ -183,14 +225,13 @@ def register_stage(cfg: PipelineConfig, run_id: str) -> dict:
             metadata=metadata,
             registered_model_name=name,
         )
-    version = str(info.registered_model_version)
 
     eval_metrics = {k: v for k, v in run.data.metrics.items() if _is_eval_metric(k)}
     version_tags = {
         "manifest_hash": manifest, "model_family": family, "dataset": dataset, "source_run_id": run_id,
         "conditional": str(conditional).lower(), "num_classes": "" if num_classes is None else str(num_classes),
         "nz": str(spec["nz"]), "resolution": str(spec["resolution"]), "channels": str(spec["channels"]),
-        "model_uri": info.model_uri,
+        "model_uri": model_uri,
     }
     version_tags.update({registry.METRIC_TAG_PREFIX + k: repr(float(v)) for k, v in eval_metrics.items()})
     for key, value in version_tags.items():
@@ -218,4 +259,4 @@ def register_stage(cfg: PipelineConfig, run_id: str) -> dict:
     print(f"registered {name} v{version} from run {run_id} (alias @{alias}, artifacts sha256 {digest[:16]}...); "
           f"load it with mlflow.pyfunc.load_model('models:/{name}@{alias}')", flush=True)
     return {"name": name, "version": version, "uri": f"models:/{name}/{version}", "alias": alias,
-            "alias_uri": f"models:/{name}@{alias}", "model_uri": info.model_uri}
+            "alias_uri": f"models:/{name}@{alias}", "model_uri": model_uri}

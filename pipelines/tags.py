@@ -21,10 +21,16 @@ RUN_NAME = PREFIX + "run_name"
 # training runs: written by the driver when a run finishes, or by the loop
 CHECKPOINT_DIR = PREFIX + "checkpoint_dir"
 GENERATOR_CHECKPOINT = PREFIX + "generator_checkpoint"  # the (best) checkpoint the run's generator came from
+GENERATOR_MODEL_ID = PREFIX + "generator_model_id"      # that checkpoint's LoggedModel (what register registers)
 STORAGE = PREFIX + "storage"
 DIVERGED = PREFIX + "diverged"
 RESTARTS = PREFIX + "restarts"
 RESUMED_FROM_STEP = PREFIX + "resumed_from_step"
+
+# LoggedModels of scored checkpoints (pipelines.checkpoint_models); also RUN_NAME, MODEL, DATASET
+CHECKPOINT_MODEL_TYPE = "gan-generator-checkpoint"  # their model_type
+CHECKPOINT_STEP = PREFIX + "checkpoint_step"
+CHECKPOINT = PREFIX + "checkpoint"  # the checkpoint directory holding the generator's weights (generator.pt)
 
 # evaluation runs
 EVALUATES = PREFIX + "evaluates"

@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 from pipelines import tags
 from pipelines.errors import TrackingUnavailable
@@ -81,6 +81,11 @@ DATASET_EVALUATION = "evaluation"
 DATASET_DIGEST_CHARS = 32
 
 
+def dataset_digest(manifest_hash: str) -> str:
+    """The prepared dataset's MLflow digest (dataset inputs and metrics linked to a dataset use the same)."""
+    return manifest_hash[:DATASET_DIGEST_CHARS]
+
+
 def dataset_entity(data_path: str, manifest: dict):
     """The prepared dataset as an MLflow dataset: name, digest (the manifest hash), where it lies, its columns
     and row counts. Built from the manifest alone: nothing is read from the shards."""
@@ -97,7 +102,7 @@ def dataset_entity(data_path: str, manifest: dict):
     profile = {"num_rows": sum(counts.values()), **{f"{split}_rows": rows for split, rows in counts.items()},
                "classes": len(manifest.get("class_names") or []), "resolution": manifest.get("resolution"),
                "channels": manifest.get("channels"), "manifest_hash": manifest["manifest_hash"]}
-    return Dataset(name=manifest["dataset"], digest=manifest["manifest_hash"][:DATASET_DIGEST_CHARS],
+    return Dataset(name=manifest["dataset"], digest=dataset_digest(manifest["manifest_hash"]),
                    source_type="local" if scheme == "file" else scheme, source=json.dumps({"uri": data_path}),
                    schema=json.dumps({"mlflow_colspec": schema.to_dict()}), profile=json.dumps(profile))
 
@@ -160,14 +165,18 @@ def committed_step(mlflow_client, run_id: str) -> int:
 
 
 def commit_metrics(mlflow_client, run_id: str, pending: Iterable[tuple[int, dict[str, float]]],
-                   after_step: int = -1, retries: int = 5) -> int:
+                   after_step: int = -1, retries: int = 5, model_ids: Optional[Mapping[int, str]] = None,
+                   dataset: Optional[tuple[str, str]] = None) -> int:
     """Log ``(step, {name: value})`` entries with step > ``after_step``; retried with backoff so a
-    restarting server does not lose them. Returns the number of values logged."""
+    restarting server does not lose them. The values of a step in ``model_ids`` are linked to that LoggedModel
+    (and to ``dataset``: name, digest). Returns the number of values logged."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    metrics = [Metric(name, float(value), now, step) for step, values in pending if step > after_step
-               for name, value in values.items()]
+    now, model_ids = int(time.time() * 1000), model_ids or {}
+    linked = dict(zip(("dataset_name", "dataset_digest"), dataset)) if dataset else {}
+    metrics = [Metric(name, float(value), now, step,
+                      **({"model_id": model_ids[step], **linked} if step in model_ids else {}))
+               for step, values in pending if step > after_step for name, value in values.items()]
     for start in range(0, len(metrics), 1000):
         chunk = metrics[start:start + 1000]
         for attempt in range(retries):

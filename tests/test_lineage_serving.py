@@ -1,5 +1,6 @@
 """What a user sees of the pipeline in MLflow (issue 18): training experiments open on their runs, runs list the
-prepared dataset they used (training / evaluation), and a registered generator answers ``mlflow models serve``.
+prepared dataset they used (training / evaluation), the scored checkpoints are LoggedModels ranked by their
+domain FD (the registered version is the best one's), and a registered generator answers ``mlflow models serve``.
 
 One tiny cGAN is trained once (``gan-pipeline train``, real local Ray, real MLflow server over HTTP, real Parquet),
 registered and evaluated through its alias; the tests read what that left in MLflow.
@@ -36,17 +37,18 @@ def _client(uri):
 
 @pytest.fixture(scope="module")
 def trained(small_mnist, mlflow_server, tmp_path_factory) -> dict:
-    """A 2-step cGAN trained by the CLI, registered (@candidate) and evaluated through that alias."""
+    """A 6-step cGAN (three scored checkpoints) trained by the CLI, registered (@candidate) and evaluated through
+    that alias."""
     from pipelines.config import build_config
     from pipelines.evaluate import evaluate_stage
     from pipelines.register import register_stage
 
     work = tmp_path_factory.mktemp("lineage")
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([EXE, "train", "--model", "cgan", "--workers", "1", "--max-steps", "2", "--data",
+    result = subprocess.run([EXE, "train", "--model", "cgan", "--workers", "1", "--max-steps", "6", "--data",
                              small_mnist, "--experiment", EXPERIMENT, "--run-name", "lineage",
                              "--runs-dir", str(work / "runs"), *TINY], env=env, capture_output=True, text=True,
-                            timeout=300)
+                            timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     client = _client(mlflow_server)
     exp = client.get_experiment_by_name(EXPERIMENT)
@@ -117,6 +119,33 @@ def test_evaluation_run_lists_the_dataset_as_evaluation_input(trained):
     assert {r.info.run_id for r in found} >= {trained["run"].info.run_id, trained["evaluation"].info.run_id}
 
 
+def test_scored_checkpoints_are_logged_models_ranked_by_fd_and_the_registered_version_is_the_best(trained):
+    from pipelines.training_metrics import CHEAP_FD
+
+    client, run = _client(trained["uri"]), trained["run"]
+    run_id = run.info.run_id
+    models = list(client.search_logged_models(
+        [trained["experiment"].experiment_id], filter_string=f"source_run_id = '{run_id}'",
+        order_by=[{"field_name": f"metrics.{CHEAP_FD}", "ascending": True}]))
+    assert sorted(int(m.tags[tags.CHECKPOINT_STEP]) for m in models) == [2, 4, 6]  # one per scored checkpoint
+    fd = {int(m.tags[tags.CHECKPOINT_STEP]): {x.key: x for x in m.metrics}[CHEAP_FD] for m in models}
+    assert [fd[int(m.tags[tags.CHECKPOINT_STEP])].value for m in models] == sorted(v.value for v in fd.values())
+    # the same values as the run's curve, linked to the prepared dataset
+    assert {m.step: m.value for m in client.get_metric_history(run_id, CHEAP_FD)} == {s: v.value for s, v in fd.items()}
+    [(dataset, _)] = _dataset_inputs(run)
+    assert {(v.dataset_name, v.dataset_digest) for v in fd.values()} == {(dataset["name"], dataset["digest"])}
+    best, others = models[0], models[1:]
+    # finish_run's best checkpoint is the best-ranked model; its weights are in checkpoint storage
+    assert run.data.tags[tags.GENERATOR_MODEL_ID] == best.model_id
+    assert best.tags[tags.CHECKPOINT] == run.data.tags[tags.GENERATOR_CHECKPOINT]
+    assert (Path(best.tags[tags.CHECKPOINT]) / "generator.pt").is_file()
+    # registering picked it: the version is that model, which alone holds the pyfunc; the others hold no files
+    version = client.get_model_version_by_alias(trained["name"], "candidate")
+    assert version.source == f"models:/{best.model_id}" and version.run_id == run_id
+    assert "MLmodel" in {f.path for f in client.list_logged_model_artifacts(best.model_id)}
+    assert all(not client.list_logged_model_artifacts(m.model_id) for m in others)
+
+
 def test_registered_generator_answers_mlflow_models_serve(trained, tmp_path):
     port = free_port()
     # the server runs `uvicorn` through the shell: the virtual environment's bin must be on PATH
@@ -169,3 +198,29 @@ def test_sweep_and_its_trials_list_the_dataset_as_training_input(trained):
         [(dataset, context)] = _dataset_inputs(run)
         assert context == "training"
         _assert_is_the_prepared_dataset(dataset, trained["data"])
+
+
+def test_screenshots_of_the_mlflow_ui_show_the_runs_and_the_ranked_checkpoints(trained, tmp_path):
+    """docs/screenshots.py in headless Chromium against the session's server: non-blank PNGs of the README's size."""
+    import importlib.util
+
+    from PIL import Image, ImageStat
+
+    spec = importlib.util.spec_from_file_location("screenshots", Path(__file__).parents[1] / "docs" / "screenshots.py")
+    screenshots = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = screenshots  # its dataclass resolves annotations through its module
+    spec.loader.exec_module(screenshots)
+    browser = screenshots.chromium()
+    if browser is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium): the MLflow UI cannot be captured")
+    pages = {p.file: p for p in screenshots.pages(trained["uri"], EXPERIMENT, trained["name"])}
+    assert set(pages) == {"mlflow_runs.png", "mlflow_run_samples.png", "mlflow_run_sample_grid.png",
+                          "mlflow_models_tab.png", "mlflow_registry.png"}
+    # each page is captured only once it shows its run / its checkpoint models (Browser.shoot waits for the text)
+    saved = screenshots.capture_all(browser, [pages["mlflow_runs.png"], pages["mlflow_models_tab.png"]], tmp_path)
+    width, height = screenshots.SAVED_WIDTH, round(screenshots.WINDOW[1] * screenshots.SAVED_WIDTH / screenshots.WINDOW[0])
+    for path in saved:
+        image = Image.open(path)
+        assert image.format == "PNG" and image.size == (width, height)
+        assert path.stat().st_size < 300_000
+        assert max(ImageStat.Stat(image.convert("L")).stddev) > 5, f"{path.name} is blank"  # a blank page: ~0

@@ -109,6 +109,9 @@ def test_killed_worker_restarts_from_checkpoint_without_duplicate_metrics(small_
     assert _steps(client, run.info.run_id) == [2, 4, 6, 8, 10, 12]
     ckpt_dir = Path(run.data.tags["gan_pipeline.checkpoint_dir"])
     assert safe_load(ckpt_dir / "state.pt")["progress"]["step"] == 12
+    # the scored checkpoints' LoggedModels: one per step, the restarted worker made none twice
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert sorted(int(m.tags["gan_pipeline.checkpoint_step"]) for m in models) == [4, 8, 12]
 
 
 def test_killed_driver_resumes_with_resume(small_mnist, tmp_path, mlflow_server):
