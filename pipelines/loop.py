@@ -152,12 +152,13 @@ def wrap_ddp(gan: GAN) -> None:
 def apply_hyperparameters(gan: GAN, cfg: PipelineConfig) -> None:
     """The config's learning rates (and Adam's betas) on restored optimizers: their state (moments, step counts)
     is carried over, the values are this run's own (a PBT trial that copied another's checkpoint)."""
-    o = cfg.optim
-    for optimizer, lr in ((gan.opt_g, o.lr_g), (gan.opt_d, o.lr_d)):
+    from gan_models.schedule import set_learning_rates
+
+    set_learning_rates(gan, 1.0)  # the spec's rates are the config's (build_training_gan)
+    for optimizer in (gan.opt_g, gan.opt_d):
         for group in optimizer.param_groups:
-            group["lr"] = lr
             if "betas" in group:
-                group["betas"] = (o.beta1, o.beta2)
+                group["betas"] = (cfg.optim.beta1, cfg.optim.beta2)
 
 
 def _reseed(seed: int, rank: int, step: int) -> None:
