@@ -159,7 +159,7 @@ def run_training(cfg: PipelineConfig, mlflow_client, uri: str, run_name: str, ru
         finish_run(mlflow_client, run_id, Path(local_dir), checkpoint_dir, storage_root(cfg), run_name,
                    generator_checkpoint=best.path)
     with result.checkpoint.as_directory() as local_dir:
-        steps = checkpoints.safe_load(Path(local_dir) / checkpoints.STATE_FILE)["progress"]["step"]
+        steps = checkpoints.checkpoint_progress(Path(local_dir))["step"]
     chosen = "" if best.path == result.checkpoint.path else f"; best checkpoint: step {checkpoints.checkpoint_step(best.path)}"
     console_print(f"[gan-pipeline] trained {run_name}: {steps} steps in {seconds:.0f}s{chosen}; MLflow run {run_id}; "
                   f"checkpoints in {Path(checkpoint_dir).parent}")
