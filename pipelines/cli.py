@@ -82,7 +82,9 @@ TRAIN_OPTS = [
     Opt("train.channels_last", ("--channels-last/--no-channels-last",), None,
         "NHWC memory format for G and D (default on: 1.1-1.3x on CPU, neutral on GPU)", is_flag=True),
     Opt("train.compile", ("--compile",), None, "torch.compile G and D", is_flag=True),
-    Opt("train.checkpoint_every", ("--checkpoint-every",), int, "generator steps between checkpoints"),
+    Opt("train.checkpoint_every", ("--checkpoint-every",), int, "generator steps between checkpoints (default: by time)"),
+    Opt("train.checkpoint_interval", ("--checkpoint-interval",), str, "training time between checkpoints when "
+        "--checkpoint-every is not given, e.g. 90s, 2m (default 60s)"),
     Opt("train.log_every", ("--log-every",), int, "generator steps between metric logs"),
     Opt("train.sample_every", ("--sample-every",), int, "generator steps between sample grids"),
     Opt("train.threads_per_worker", ("--threads-per-worker",), int, "torch threads (and Ray CPUs) per worker"),

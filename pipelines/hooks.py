@@ -51,10 +51,11 @@ class LoopState:
     rank: int
     world: int
     total_steps: Optional[int]  # None: until the time budget runs out
-    checkpoint_every: int
+    checkpoint_every: Optional[int]  # None: checkpoints by time, every ``checkpoint_interval`` seconds
     log_every: int
     sample_every: int
     seed: int
+    checkpoint_interval: float = 60.0
     step: int = 0
     epoch: int = 0
     resumed: bool = False

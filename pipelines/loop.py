@@ -162,9 +162,30 @@ def apply_hyperparameters(gan: GAN, cfg: PipelineConfig) -> None:
 
 
 def _reseed(seed: int, rank: int, step: int) -> None:
-    """Noise streams restart at every checkpoint from (seed, rank, step): a run resumed from step S draws
-    exactly the noise the uninterrupted run drew after S, and each rank draws different noise."""
+    """Every step's noise comes from (seed, rank, step): a run resumed from step S draws exactly the noise the
+    uninterrupted run drew after S, wherever checkpoints fell (by time they differ between runs), and each rank
+    draws different noise. (Seeding costs microseconds; a step, milliseconds.)"""
     torch.manual_seed((seed * 1_000_003 + step) * 1009 + rank)
+
+
+class _CheckpointDue:
+    """When the next checkpoint falls: every ``checkpoint_every`` steps when set, else once
+    ``checkpoint_interval`` seconds of training have passed since the last one (or the start). The time rule is
+    checked at log steps, whose all-reduce makes every rank take the same decision at the same step."""
+
+    def __init__(self, loop: LoopState):
+        self.loop = loop
+        self.restart()
+
+    def restart(self) -> None:
+        self.since = time.monotonic()
+
+    def by_steps(self) -> bool:
+        return self.loop.checkpoint_every is not None and self.loop.step % self.loop.checkpoint_every == 0
+
+    def by_time(self) -> bool:
+        return (self.loop.checkpoint_every is None
+                and time.monotonic() - self.since >= self.loop.checkpoint_interval)
 
 
 class CountedBatches:
@@ -208,7 +229,7 @@ class Worker:
                            "manifest_hash": manifest["manifest_hash"], "mlflow_run_id": job.run_id,
                            "class_names": manifest["class_names"], "dataset": manifest["dataset"]}
         self.loop = LoopState(self.gan, rank, world, total_steps(self.cfg, self.reader.steps_per_epoch),
-                              t.checkpoint_every, t.log_every, t.sample_every, t.seed)
+                              t.checkpoint_every, t.log_every, t.sample_every, t.seed, t.checkpoint_interval)
         client = tracking.client(job.tracking_uri) if rank == 0 else None
         console = WorkerConsole(job.progress_board)
         # scored checkpoints are recorded as MLflow LoggedModels (the experiment's Models tab ranks them)
@@ -241,7 +262,6 @@ class Worker:
                 if hook.state_key in hook_states:
                     hook.load_state_dict(hook_states[hook.state_key])
                 hook.on_resume(self.loop, pending)
-        _reseed(self.cfg.train.seed, self.loop.rank, self.loop.step)
 
     def run(self) -> None:
         loop, hooks = self.loop, self.hooks
@@ -250,19 +270,24 @@ class Worker:
         # reads and host-to-device copies overlap the step (on CPU: a small in-memory gather)
         batches = CountedBatches(performance.Prefetcher(stream) if self.device.type == "cuda" else stream)
         throughput = _Throughput(batches, loop.world)
+        due = _CheckpointDue(loop)
         while not loop.last and (loop.total_steps is None or loop.step < loop.total_steps):
+            _reseed(self.cfg.train.seed, loop.rank, loop.step)
             stats = train_step(self.gan, batches, loop.step)
             loop.step += 1
             loop.epoch = batches.batches.epoch
             for hook in hooks:
                 hook.on_step(loop, stats)
             loop.last = loop.total_steps is not None and loop.step >= loop.total_steps
-            loop.at_checkpoint = loop.last or loop.step % loop.checkpoint_every == 0
+            loop.at_checkpoint = loop.last or due.by_steps()
             if loop.step % loop.log_every == 0 or loop.at_checkpoint:
-                values = _mean_across_ranks({**stats, _STOP: torch.tensor(float(loop.stop_reason is not None), device=self.device),
-                                             _PROGRESS: torch.tensor(run_progress(loop), device=self.device)})
+                flags = {_STOP: loop.stop_reason is not None, _CHECKPOINT_DUE: due.by_time(), _PROGRESS: run_progress(loop)}
+                values = _mean_across_ranks({**stats, **{k: torch.tensor(float(v), device=self.device)
+                                                         for k, v in flags.items()}})
                 if values.pop(_STOP) > 0:  # some rank's hook asked to stop: all ranks end here, as at the last step
                     loop.last = loop.at_checkpoint = True
+                if values.pop(_CHECKPOINT_DUE) > 0:  # any rank's clock: every rank checkpoints at this same step
+                    loop.at_checkpoint = True
                 loop.progress = values.pop(_PROGRESS)  # ranks' clocks differ a little: their mean is the same everywhere
                 values[IMAGES_PER_SECOND] = throughput.images_per_second()
                 values[EPOCH] = loop.epoch + batches_in_epoch(batches) / max(self.reader.steps_per_epoch, 1)
@@ -276,6 +301,7 @@ class Worker:
                 hook.after_step(loop)
             if loop.at_checkpoint:
                 self.checkpoint({"step": loop.step, "epoch": loop.epoch, "batch_in_epoch": batches_in_epoch(batches)})
+                due.restart()
 
     def checkpoint(self, progress: dict[str, int]) -> None:
         """Persist a checkpoint (rank 0 writes, every rank reports), then let the hooks commit what it covers."""
@@ -302,10 +328,10 @@ class Worker:
         for hook in hooks:  # the checkpoint is persisted: now (and only now) what it covers is committed
             hook.after_checkpoint(loop)
         loop.pending, loop.pending_images = [], {}
-        _reseed(self.cfg.train.seed, loop.rank, loop.step)
 
 
 _STOP = "_stop_requested"
+_CHECKPOINT_DUE = "_checkpoint_due"
 _PROGRESS = "_progress"
 
 

@@ -165,7 +165,7 @@ def check_request(cfg: PipelineConfig, spec: dict[str, dict], concurrent: int) -
 
 def report_interval(cfg: PipelineConfig) -> int:
     """Steps between a trial's reports (each one a scored checkpoint)."""
-    return min(cfg.train.checkpoint_every, cfg.tune.report_every)
+    return min(cfg.train.checkpoint_every or cfg.tune.report_every, cfg.tune.report_every)
 
 
 def perturbation_interval(cfg: PipelineConfig) -> int:

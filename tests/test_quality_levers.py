@@ -190,3 +190,34 @@ def test_progress_is_the_larger_of_steps_and_time_spent():
     assert run_progress(loop) == pytest.approx(0.75)
     loop.total_steps, now[0] = None, 90.0
     assert run_progress(loop) == 1.0
+
+
+def test_checkpoints_fall_by_time_unless_steps_are_given(monkeypatch):
+    import pipelines.loop as loop_module
+
+    clock = [100.0]
+    monkeypatch.setattr(loop_module.time, "monotonic", lambda: clock[0])
+    by_time = loop_module._CheckpointDue(_loop(_gan(), checkpoint_every=None, checkpoint_interval=60.0))
+    clock[0] = 159.0
+    assert not by_time.by_time() and not by_time.by_steps()
+    clock[0] = 160.0
+    assert by_time.by_time()
+    by_time.restart()  # a checkpoint was written: the interval counts from it
+    assert not by_time.by_time()
+
+    loop = _loop(_gan(), checkpoint_every=5, checkpoint_interval=1.0)
+    by_steps = loop_module._CheckpointDue(loop)
+    clock[0] = 1e6
+    assert not by_steps.by_time()  # --checkpoint-every given: the clock never decides
+    loop.step = 10
+    assert by_steps.by_steps()
+    loop.step = 11
+    assert not by_steps.by_steps()
+
+
+def test_checkpoint_interval_is_the_default_and_takes_durations():
+    cfg = build_config("wgan")
+    assert cfg.train.checkpoint_every is None and cfg.train.checkpoint_interval == 60
+    assert build_config("wgan", overrides={"train": {"checkpoint_interval": "2m"}}).train.checkpoint_interval == 120
+    with pytest.raises(ConfigError, match="checkpoint_interval"):
+        build_config("wgan", overrides={"train": {"checkpoint_interval": 0}})
