@@ -94,6 +94,22 @@ def test_two_workers_log_params_metrics_images_and_keep_replicas_identical(small
     assert max(t.abs().max().item() for k, t in critic.items() if t.is_floating_point() and "running" not in k) <= 0.01 + 1e-7
 
 
+def test_checkpoints_by_time_fall_at_the_same_step_on_every_rank(small_mnist, tmp_path, mlflow_server):
+    """No --checkpoint-every: checkpoints come by time. An interval shorter than a log window makes every log step
+    a checkpoint; a rank deciding alone would leave the other waiting in ``ray.train.report`` (a hang, not this)."""
+    at = SMALL.index("--checkpoint-every")
+    timed = SMALL[:at] + SMALL[at + 2:]
+    result = _train(["--model", "dcgan", "--workers", "2", "--max-steps", "4", "--no-score-checkpoints",
+                     "--data", small_mnist,
+                     "--checkpoint-interval", "0.001s", "--run-name", "timed", *timed], tmp_path, mlflow_server)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = _client(mlflow_server)
+    run = _run_by_name(client, "timed")
+    # replica_max_abs_diff is computed at checkpoints only (a collective on both ranks)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "replica_max_abs_diff")] == [2, 4]
+    assert safe_load(Path(run.data.tags["gan_pipeline.checkpoint_dir"]) / "state.pt")["progress"]["step"] == 4
+
+
 def test_killed_worker_restarts_from_checkpoint_without_duplicate_metrics(small_mnist, tmp_path, mlflow_server):
     result = _train(["--model", "dcgan", "--workers", "2", "--max-steps", "12", "--data", small_mnist,
                      "--max-failures", "2", "--run-name", "killed-worker", *SMALL], tmp_path, mlflow_server,
