@@ -89,6 +89,41 @@ def library_log_handler() -> logging.Handler:
     return _LIBRARY_LOG[0]
 
 
+class _LinesToLog:
+    """A text stream whose lines become records of ``logger`` (a library's notes kept in the log file)."""
+
+    def __init__(self, logger: logging.Logger):
+        self.logger, self.buffer = logger, ""
+
+    def write(self, text: str) -> int:
+        self.buffer += text
+        *lines, self.buffer = self.buffer.split("\n")
+        for line in filter(str.strip, lines):
+            self.logger.info(line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.buffer.strip():
+            self.logger.info(self.buffer)
+        self.buffer = ""
+
+
+@contextlib.contextmanager
+def library_notes_to_log(library: str):
+    """What ``library`` prints on stderr inside the block (MLflow's ``Successfully registered model ...``,
+    ``Created version ...``) goes to the log file, not the console: the stage prints its own line."""
+    logger = logging.getLogger(f"gan_pipeline.{library}")
+    logger.propagate, logger.level = False, logging.INFO
+    if library_log_handler() not in logger.handlers:
+        logger.addHandler(library_log_handler())
+    stream = _LinesToLog(logger)
+    try:
+        with contextlib.redirect_stderr(stream):
+            yield
+    finally:
+        stream.flush()
+
+
 def _redact_record(record: logging.LogRecord) -> bool:
     record.msg, record.args = redact_text(record.getMessage()), None
     return True

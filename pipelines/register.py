@@ -29,6 +29,7 @@ from typing import Any
 from pipelines import checkpoints, registry, tags
 from pipelines.config import ConfigError, PipelineConfig, config_from_dict
 from pipelines.errors import UserError
+from pipelines.guard import library_notes_to_log
 from pipelines.tracking import redact_uri
 
 # The LoggedModel's name on the run. Not "generator": MLflow 3 resolves runs:/<id>/<name> and run artifact listings
@@ -214,17 +215,18 @@ def register_stage(cfg: PipelineConfig, run_id: str) -> dict:
             "class_names": class_names, "model_family": family, "dataset": dataset, "manifest_hash": manifest,
             "source_run_id": run_id, "output_range": [-1.0, 1.0],
         }}
-        version, model_uri = _log_and_register(
-            mlflow, client, run,
-            python_model=str(GENERATOR_MODEL_FILE),
-            artifacts={"weights": str(weights), "config": str(config_path)},
-            code_paths=[str(Path(gan_models.__file__).resolve().parent)],
-            signature=_signature(spec),
-            input_example=_input_example(spec),
-            pip_requirements=_pip_requirements(),
-            metadata=metadata,
-            registered_model_name=name,
-        )
+        with library_notes_to_log("mlflow"):  # "Successfully registered model ...": the stage prints its own line
+            version, model_uri = _log_and_register(
+                mlflow, client, run,
+                python_model=str(GENERATOR_MODEL_FILE),
+                artifacts={"weights": str(weights), "config": str(config_path)},
+                code_paths=[str(Path(gan_models.__file__).resolve().parent)],
+                signature=_signature(spec),
+                input_example=_input_example(spec),
+                pip_requirements=_pip_requirements(),
+                metadata=metadata,
+                registered_model_name=name,
+            )
 
     eval_metrics = {k: v for k, v in run.data.metrics.items() if _is_eval_metric(k)}
     version_tags = {

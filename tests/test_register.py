@@ -289,13 +289,17 @@ def test_label_outside_classes(flow, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_label_given_to_unconditional_model(mlflow_server, workdir, tmp_path):
+def test_label_given_to_unconditional_model(mlflow_server, workdir, tmp_path, capfd):
     from pipelines.generate import generate_stage
     from pipelines.register import register_stage
 
     name = f"test-dcgan-{uuid.uuid4().hex[:6]}"
     run_id = make_training_run(mlflow_server, workdir, conditional=False, model="dcgan", metrics={"domain_fd": 3.0})
+    capfd.readouterr()
     reg = register_stage(cfg_for(mlflow_server, name), run_id)
+    # MLflow's own notes stay off the console (the stage prints its own line): "Successfully registered model"
+    console = "".join(capfd.readouterr())
+    assert "Successfully registered model" not in console and "Created version" not in console, console
     cfg = cfg_for(mlflow_server)
     with pytest.raises(UserError, match="unconditional"):
         generate_stage(cfg, model_uri=reg["alias_uri"], n=2, label=0, out=str(tmp_path / "x.png"))
