@@ -8,8 +8,8 @@
    same config (model, batch, precision, threads); the pipeline's steady images/s is the median of its MLflow
    `images_per_second` windows (first and last dropped); the bare loop runs right before and right after it (their
    mean is the reference). Ratio = pipeline / bare (target >= 0.97).
-3. The same tax as CPU time, which a loaded machine distorts less than images/s: over 20 s of that run, the share of
-   the run's process tree (driver, Ray's processes and actors, the worker) used by everything but the worker.
+3. The same tax as CPU time: over 20 s of that run, the share of the machine's CPU time used by everything but the
+   training worker (driver, Ray's processes and actors; on a quiet machine nothing else).
 
 The machine may be shared: the load average is printed before and after; rerun on a quiet machine for figures.
 
@@ -80,9 +80,10 @@ def bare_rate(cfg, data: str, steps: int, threads: int) -> float:
     return steps * cfg.train.batch_size / (time.perf_counter() - t0)
 
 
-def _cpu_ticks_by_process(root_marker: str) -> dict[str, int]:
-    """CPU ticks (user + system) of the process whose command line holds ``root_marker`` and of all its
-    descendants, by ``pid name``."""
+def _cpu_ticks_by_process() -> dict[str, int]:
+    """CPU ticks (user + system) of every process on the machine, by ``pid name``. (Ray starts its services and
+    workers detached from the driver, so the driver's process tree does not hold them: the machine is the
+    scope, and the benchmark asks for a quiet one.)"""
     procs = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -90,28 +91,23 @@ def _cpu_ticks_by_process(root_marker: str) -> dict[str, int]:
             cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        procs[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]), cmdline)
-    roots = [pid for pid, (_, _, cmd) in procs.items() if root_marker in cmd and "bench_startup" not in cmd]
-    tree, frontier = set(roots), list(roots)
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, (ppid, _, _) in procs.items() if ppid == parent and pid not in tree]
-        tree.update(children)
-        frontier += children
-    return {f"{pid} {procs[pid][2].split()[0].rsplit('/', 1)[-1][:40]}": procs[pid][1] for pid in tree}
+        procs[f"{stat.parent.name} {(cmdline.split() or ['?'])[0].rsplit('/', 1)[-1][:40]}"] = \
+            int(fields[11]) + int(fields[12])
+    return procs
 
 
-def ray_cpu_share(marker: str, stop: threading.Event, out: dict, window: float = 20.0) -> None:
-    """While the run trains: of the CPU time its process tree used over ``window`` seconds, the share of
-    everything but the training worker (Ray's processes, the driver). Load-independent, unlike images/s."""
-    while not stop.is_set() and not any("RayTrainWorker" in k for k in _cpu_ticks_by_process(marker)):
+def ray_cpu_share(stop: threading.Event, out: dict, window: float = 20.0) -> None:
+    """While the run trains: of the CPU time the machine used over ``window`` seconds, the share of everything
+    but the training worker (Ray's processes, the driver, whatever else runs). Load-independent, unlike images/s,
+    as long as nothing else runs."""
+    while not stop.is_set() and not any("RayTrainWorker" in k for k in _cpu_ticks_by_process()):
         time.sleep(1)
     time.sleep(5)  # past the first steps
-    first = _cpu_ticks_by_process(marker)
+    first = _cpu_ticks_by_process()
     if stop.wait(window):
         return
-    last = _cpu_ticks_by_process(marker)
-    used = {k: last[k] - first[k] for k in last if k in first}
+    last = _cpu_ticks_by_process()
+    used = {k: last[k] - first[k] for k in last if k in first and k.split()[0] != str(os.getpid())}
     worker = sum(v for k, v in used.items() if "RayTrainWorker" in k)
     out.update(share=(sum(used.values()) - worker) / max(sum(used.values()), 1), worker=worker,
                top=sorted(((v, k) for k, v in used.items() if "RayTrainWorker" not in k), reverse=True)[:6])
@@ -125,7 +121,7 @@ def pipeline_rate(args, tmp: Path, data: str, log_every: int) -> tuple[float, fl
     from benchmarks.bench_speed import steady_throughput
 
     stop, share = threading.Event(), {}
-    sampler = threading.Thread(target=ray_cpu_share, args=(str(tmp / f"runs-{name}"), stop, share), daemon=True)
+    sampler = threading.Thread(target=ray_cpu_share, args=(stop, share), daemon=True)
     sampler.start()
     med, lo, hi, _ = steady_throughput(cmd, uri)
     stop.set()
