@@ -18,6 +18,7 @@ and ``hp.<key>`` metrics: the values the trial trained with, by step).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -175,7 +176,7 @@ def run_trial(plan: SweepPlan, config: dict) -> None:
     trial_storage = Path(plan.sweep_storage)
     segments = _segments(trial_storage, name)
     tune_checkpoint = tune.get_checkpoint()
-    with (tune_checkpoint.as_directory() if tune_checkpoint is not None else _nothing()) as local:
+    with (tune_checkpoint.as_directory() if tune_checkpoint is not None else contextlib.nullcontext()) as local:
         start, donor = _start_point(Path(local) if local else None, run_id, segments[-1] if segments else None)
         start_step = checkpoints.checkpoint_progress(start)["step"] if start is not None else 0
         if donor is not None:
@@ -239,10 +240,3 @@ def _queue():
     # one item: the Train controller waits until the trial took the previous report (as TuneReportCallback does)
     return Queue(maxsize=1, actor_options={"num_cpus": 0})
 
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
