@@ -50,9 +50,17 @@ def redact_uri(text: str) -> str:
     return _URI.sub(lambda m: _redact_one(m.group(0)), text)
 
 
+def environment_snapshot(environ=None) -> dict[str, str]:
+    """A copy of ``environ`` (default: this process's) that other threads cannot break while it is taken:
+    MLflow's telemetry thread sets and deletes a variable of its own, and ``os.environ.items()`` raised KeyError
+    in a sweep's trial when the deletion fell between a key and its value. (``list(os.environ)`` is atomic.)"""
+    env = os.environ if environ is None else environ
+    return {k: v for k in list(env) if (v := env.get(k)) is not None}
+
+
 def secret_values(environ=None) -> list[str]:
     """Values of the secret-looking environment variables, longest first."""
-    env = os.environ if environ is None else environ
+    env = environment_snapshot(environ)
     values = {v for k, v in env.items() if v and len(v) >= _MIN_SECRET_LEN and is_secret_name(k)}
     return sorted(values, key=len, reverse=True)
 

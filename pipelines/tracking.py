@@ -20,7 +20,7 @@ from typing import Iterable, Mapping, Optional
 
 from pipelines import tags
 from pipelines.errors import TrackingUnavailable
-from pipelines.secrets import redact_text, redact_uri  # noqa: F401 - redact_uri re-exported for the stages
+from pipelines.secrets import environment_snapshot, redact_text, redact_uri  # noqa: F401 - redact_uri re-exported for the stages
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail in seconds, before any compute, when the tracking server cannot be reached."""
@@ -210,7 +210,7 @@ def worker_env(uri: str) -> dict[str, str]:
     """Environment that Ray workers need: the same tracking store (absolute URI, credentials passed on) and
     the project's own GAN_PIPELINE_* settings."""
     env = {"MLFLOW_TRACKING_URI": uri}
-    env.update({k: v for k, v in os.environ.items() if k.startswith("GAN_PIPELINE_")})
+    env.update({k: v for k, v in environment_snapshot().items() if k.startswith("GAN_PIPELINE_")})
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
                  "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         if os.environ.get(name):

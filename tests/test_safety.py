@@ -28,6 +28,29 @@ def test_redact_uri(uri, shown):
     assert secrets.redact_uri(uri) == shown
 
 
+def test_redaction_survives_a_variable_deleted_while_it_reads_the_environment():
+    """MLflow's telemetry thread deletes a variable of its own while a sweep's trial redacts its params: the
+    deletion between a key's listing and its read raised KeyError and killed the trial."""
+    import collections.abc
+
+    class Vanishing(collections.abc.Mapping):  # os.environ's shape: keys listed, then each one read
+        def __init__(self):
+            self.data = {"_MLFLOW_TELEMETRY_SESSION_ID": "s", "MY_API_TOKEN": "tok-1234567890"}
+
+        def __iter__(self):
+            keys = list(self.data)
+            del self.data["_MLFLOW_TELEMETRY_SESSION_ID"]  # the other thread, right after the keys were listed
+            return iter(keys)
+
+        def __len__(self):
+            return len(self.data)
+
+        def __getitem__(self, key):
+            return self.data[key]
+
+    assert secrets.redact_text("key tok-1234567890", Vanishing()) == "key ***"
+
+
 def test_redact_text_masks_secret_environment_values_only():
     env = {"MLFLOW_TRACKING_PASSWORD": "hunter22", "AWS_ACCESS_KEY_ID": "AKIA1234", "PWD": "/home/me",
            "HOME": "/home/me", "MY_API_KEY": "k3y-value", "SHORT_TOKEN": "ab"}
