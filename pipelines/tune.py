@@ -172,6 +172,17 @@ def perturbation_interval(cfg: PipelineConfig) -> int:
     return cfg.tune.perturbation_interval or 2 * report_interval(cfg)
 
 
+def tune_checkpoints_to_keep(cfg: PipelineConfig) -> int:
+    """Checkpoints Tune keeps per trial. Under PBT an exploiting trial restores the donor's checkpoint of the
+    decision, but with fewer trials running than the population holds it may restart only after the donor trained
+    a whole interval on (measured: the donor was 8 reports on, its checkpoint deleted, the trial failed): a
+    donor's reports of one interval, and one more, are kept."""
+    keep = max(3, cfg.train.keep_checkpoints or 3)
+    if cfg.tune.scheduler in ("pbt", "pb2"):
+        keep = max(keep, perturbation_interval(cfg) // report_interval(cfg) + 2)
+    return keep
+
+
 def apply_trial(cfg: PipelineConfig, values: dict[str, Any]) -> PipelineConfig:
     """``cfg`` with a trial's values; an integer key gets an integer (PB2 and PBT's perturbations are floats)."""
     dump = cfg.model_dump(mode="json")
@@ -391,7 +402,7 @@ def _fit(cfg: PipelineConfig, plan: SweepPlan, spec: dict, concurrent: int, mlfl
                                                               for p in points] or None)
             else:
                 search_alg = BasicVariantGenerator(points_to_evaluate=points or None)
-            keep = max(3, cfg.train.keep_checkpoints or 3)  # PBT copies the donor's last: never fewer than 3
+            keep = tune_checkpoints_to_keep(cfg)
             tuner = tune.Tuner(
                 _trainable(plan),
                 param_space=space,

@@ -70,6 +70,42 @@ def test_trial_budget_rule_and_verdict_wording():
                         ).startswith("did not beat the preset")
 
 
+def test_synchronous_pbt_decides_when_a_trial_ends_before_the_perturbation_point():
+    """Ray's synchronous PBT decides on the last live trial's report at the point; a trial that ends (error,
+    budget spent) before it never reports, and the others waited, paused, for ever. Now its end replays a waiting
+    trial's last result, so Ray's decision runs; while another trial is still on its way, nothing happens."""
+    from types import SimpleNamespace
+
+    from pipelines.sweep_schedulers import PBTKeepingPreset
+
+    pbt = PBTKeepingPreset(time_attr="step", metric="domain_fd", mode="min", perturbation_interval=100,
+                           hyperparam_mutations={"optim.lr_g": [1e-4, 1e-3]}, synch=True)
+    replayed = []
+    pbt.on_trial_result = lambda controller, trial, result: replayed.append((trial, result))
+    waiting, behind, ended = "waiting", "behind", "ended"
+    pbt._next_perturbation_sync = 100
+    pbt._trial_state = {waiting: SimpleNamespace(last_result={"step": 100, "domain_fd": 9.0}, last_train_time=100),
+                        behind: SimpleNamespace(last_result={"step": 50, "domain_fd": 8.0}, last_train_time=50)}
+    controller = SimpleNamespace(get_live_trials=lambda: [waiting, behind, ended])
+    pbt.on_trial_error(controller, ended)
+    assert replayed == []  # "behind" will report at the point itself
+    controller = SimpleNamespace(get_live_trials=lambda: [waiting, ended])  # "behind" finished its budget
+    pbt.on_trial_complete(controller, ended, {"step": 60})
+    assert replayed == [(waiting, {"step": 100, "domain_fd": 9.0})]
+
+
+def test_pbt_keeps_a_donors_checkpoints_of_a_whole_interval():
+    """An exploiting trial may restart only after the donor trained a whole perturbation interval on."""
+    from pipelines.config import build_config
+    from pipelines.tune import tune_checkpoints_to_keep
+
+    pbt = build_config("wgan", overrides={"tune": {"scheduler": "pbt", "perturbation_interval": 400,
+                                                   "report_every": 50}})
+    assert tune_checkpoints_to_keep(pbt) == 400 // 50 + 2
+    asha = build_config("wgan", overrides={"tune": {"scheduler": "asha"}})
+    assert tune_checkpoints_to_keep(asha) == 3
+
+
 def test_restored_optimizers_keep_their_state_but_take_the_new_learning_rate(tmp_path):
     import torch
 
