@@ -100,7 +100,12 @@ def _start_point(tune_checkpoint_dir: Optional[Path], own_run_id: str, previous_
 
     A Tune checkpoint written by another trial's run is a PBT exploit: the segment starts from it, nothing else.
     The trial's own Tune checkpoint may lag its Train checkpoints (the driver died between the Train checkpoint
-    and Tune's record of it): the newer of the two is taken, as ``train --resume`` does."""
+    and Tune's record of it): the newer of the two is taken, as ``train --resume`` does. A checkpoint Tune hands
+    over that is gone (its ``num_to_keep`` deleted it before this trial restarted) is passed over."""
+    if tune_checkpoint_dir is not None and not (tune_checkpoint_dir / checkpoints.STATE_FILE).is_file():
+        print(f"[gan-pipeline] the checkpoint Tune handed this trial is gone ({tune_checkpoint_dir}): it goes on "
+              f"from its own last checkpoint", flush=True)
+        tune_checkpoint_dir = None
     if tune_checkpoint_dir is not None:
         donor = checkpoints.read_run_config(tune_checkpoint_dir).get("mlflow_run_id")
         if donor != own_run_id:

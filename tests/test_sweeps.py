@@ -152,6 +152,10 @@ def test_a_trial_starts_from_a_donors_checkpoint_as_given_and_from_its_own_newes
     own = write(tmp_path / "tune" / "checkpoint_000002", 8, "own-run")
     assert _start_point(own, "own-run", segment) == (segment / "checkpoint_00000012", None)
     assert _start_point(None, "own-run", None) == (None, None)
+    # a checkpoint Tune hands over that is gone (deleted by its num_to_keep before this trial restarted): the
+    # trial goes on from its own newest instead of failing
+    gone = tmp_path / "tune" / "checkpoint_000003"
+    assert _start_point(gone, "own-run", segment) == (segment / "checkpoint_00000012", None)
 
 
 # ------------------------------------------------------------------------------------------------ integration
