@@ -227,7 +227,9 @@ class TuneConfig(_Strict):
     report_samples: int = Field(1000, ge=100)
     perturbation_interval: Optional[int] = Field(
         None, ge=1, description="pbt/pb2: generator steps between exploit/explore decisions; a multiple of the "
-                                "report interval (every report carries a checkpoint). Default: 2 reports")
+                                "report interval (every report carries a checkpoint). Default: 8 reports (a "
+                                "synchronous PBT decision restarts every trial, ~20-30 s each on 2 cores: at 2 "
+                                "reports of WGAN that was as long as the training between them)")
     pbt_synch: bool = Field(
         True, description="pbt/pb2: every trial waits at each perturbation point until the population got there "
                           "(a restart per trial and interval). Needed where fewer trials run at once than the "

@@ -52,6 +52,7 @@ DEFAULT_SPACES["cgan"] = DEFAULT_SPACES["dcgan"]
 
 
 SWEEP_RECORD = "sweep.json"
+PERTURBATION_REPORTS = 8  # default PBT interval, in reports (tune.perturbation_interval)
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 # the part of a sweep's budget kept for Ray's start-up, the best trial's evaluation and its registration
 BUDGET_RESERVE_FRACTION, BUDGET_RESERVE_MAX_S, MIN_TRIAL_BUDGET_S = 0.25, 120.0, 30.0
@@ -169,7 +170,7 @@ def report_interval(cfg: PipelineConfig) -> int:
 
 
 def perturbation_interval(cfg: PipelineConfig) -> int:
-    return cfg.tune.perturbation_interval or 2 * report_interval(cfg)
+    return cfg.tune.perturbation_interval or PERTURBATION_REPORTS * report_interval(cfg)
 
 
 def tune_checkpoints_to_keep(cfg: PipelineConfig) -> int:
