@@ -281,7 +281,8 @@ class Worker:
             loop.last = loop.total_steps is not None and loop.step >= loop.total_steps
             loop.at_checkpoint = loop.last or due.by_steps()
             if loop.step % loop.log_every == 0 or loop.at_checkpoint:
-                flags = {_STOP: loop.stop_reason is not None, _CHECKPOINT_DUE: due.by_time(), _PROGRESS: run_progress(loop)}
+                flags = {_STOP: loop.stop_reason is not None, _CHECKPOINT_DUE: due.by_time(),
+                         _PROGRESS: run_progress(loop)}
                 values = _mean_across_ranks({**stats, **{k: torch.tensor(float(v), device=self.device)
                                                          for k, v in flags.items()}})
                 if values.pop(_STOP) > 0:  # some rank's hook asked to stop: all ranks end here, as at the last step
