@@ -2,7 +2,7 @@
 
     python benchmarks/bench_sweeps.py [--model wgan] [--time-budget 20m] [--samples 4] [--max-concurrent 2]
                                       [--schedulers pbt,asha,fifo] [--no-baseline] [--workdir DIR] [--tiny]
-                                      [--tune-options "--checkpoint-every 100 --perturbation-interval 400"]
+                                      [--tune-options "--perturbation-interval 400 --workers-per-trial 1"]
 
 Every sweep is the real `gan-pipeline tune --scheduler S --time-budget B` (trial 0 the preset's own values), its
 best trial evaluated in full by the pipeline's evaluate (domain FD, precision, recall) and registered; the
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--tiny", action="store_true", help="prove the script: tiny data, networks and steps")
     parser.add_argument("--tune-options", default="", help="more `gan-pipeline tune` options for every sweep, "
-                                                           "e.g. \"--checkpoint-every 100 --perturbation-interval 400\"")
+                                                           "e.g. \"--perturbation-interval 400 --workers-per-trial 1\"")
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-sweeps-"))
     workdir.mkdir(parents=True, exist_ok=True)
