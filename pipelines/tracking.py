@@ -20,7 +20,8 @@ from typing import Iterable, Mapping, Optional
 
 from pipelines import tags
 from pipelines.errors import TrackingUnavailable
-from pipelines.secrets import environment_snapshot, redact_text, redact_uri  # noqa: F401 - redact_uri re-exported for the stages
+from pipelines.secrets import environment_snapshot, redact_text
+from pipelines.secrets import redact_uri  # noqa: F401 - re-exported for the stages
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail in seconds, before any compute, when the tracking server cannot be reached."""
