@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torchvision.utils import make_grid
 
 from gan_models.step import GAN, unwrap
 
@@ -63,6 +62,10 @@ def evaluation_inputs(nz: int, n: int, seed: int, num_classes: int | None = None
 
 def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
     """H x W x C uint8 array of a grid of [-1, 1] images (C = 3, for PNG and MLflow's image slider)."""
+    # imported here: torchvision (and the torch._dynamo it pulls in) is ~1.8 s of every process's start-up,
+    # and only the grids need it
+    from torchvision.utils import make_grid
+
     grid = make_grid(images.float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 

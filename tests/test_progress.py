@@ -95,3 +95,15 @@ def test_a_stage_spinner_only_on_a_terminal():
     with stage_spinner("evaluate", stream=terminal):
         pass
     assert "evaluate" in terminal.getvalue()
+
+
+def test_start_up_imports_no_torchvision():
+    """torchvision (and the torch._dynamo it pulls in) was ~1.8 s of the driver's and of every worker's start-up;
+    only sample grids need it, and they import it when they draw."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipelines.cli, pipelines.train, pipelines.loop, pipelines.scoring, pipelines.launch; "
+            "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
