@@ -141,13 +141,24 @@ class ConsoleProgress(Hook):
 
 class TimeBudget(Hook):
     """A wall-clock budget for training (``train.time_budget``): at the deadline the run ends as at its last step,
-    with a final checkpoint. The time spent is checkpointed, so a resumed run spends only what is left."""
+    with a final checkpoint. The time spent is checkpointed, so a resumed run spends only what is left.
+
+    ``deadline`` (seconds since the epoch; a sweep's trials get the sweep's): the budget shrinks to end there at the
+    latest, whatever time restarts and pauses took in between, so progress, ETA and the learning-rate decay follow
+    the time that is really left."""
 
     state_key = "time_budget"
 
-    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
-        self.seconds, self.clock = seconds, clock
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic, deadline: Optional[float] = None,
+                 wall_clock: Callable[[], float] = time.time):
+        self.budget, self.deadline, self.clock, self.wall_clock = seconds, deadline, clock, wall_clock
         self.spent_before, self.started = 0.0, clock()
+        self.seconds = self._capped()
+
+    def _capped(self) -> float:
+        if self.deadline is None:
+            return self.budget
+        return min(self.budget, self.spent_before + max(self.deadline - self.wall_clock(), 0.0))
 
     def spent(self) -> float:
         return self.spent_before + self.clock() - self.started
@@ -161,6 +172,7 @@ class TimeBudget(Hook):
 
     def load_state_dict(self, state: dict) -> None:
         self.spent_before, self.started = float(state["spent"]), self.clock()
+        self.seconds = self._capped()
 
 
 class LearningRateDecay(Hook):

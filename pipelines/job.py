@@ -53,6 +53,7 @@ class TrainJob:
     hook_factories: tuple[Callable[[], Any], ...] = field(default=())
     score_reference: Optional[dict] = None  # scoring.prepare_reference's paths: checkpoints get scored
     progress_board: Any = None        # the driver's pipelines.progress board (a Ray actor); None: print
+    deadline: Optional[float] = None  # seconds since the epoch: the time budget ends here at the latest (a sweep's)
 
     def __post_init__(self) -> None:
         paths = {"data_path": self.data_path, "runs_dir": self.config["runs_dir"],

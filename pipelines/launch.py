@@ -41,12 +41,14 @@ def check_storage(path: str) -> None:
 
 def make_job(cfg: PipelineConfig, *, data_path: str, run_id: str, tracking_uri: str,
              resume_from: Optional[str] = None, hook_factories: Sequence[Callable] = (),
-             score_reference: Optional[dict] = None, inherited: bool = False, progress_board=None) -> TrainJob:
+             score_reference: Optional[dict] = None, inherited: bool = False, progress_board=None,
+             deadline: Optional[float] = None) -> TrainJob:
     """The worker's inputs for ``cfg``: config redacted, every path resolved here, in the driver."""
     return TrainJob.create(tracking.redact_config(cfg.model_dump(mode="json")), data_path=data_path, run_id=run_id,
                            tracking_uri=tracking_uri, threads=cfg.train.threads_per_worker,
                            resume_from=resume_from, hook_factories=tuple(hook_factories),
-                           score_reference=score_reference, inherited=inherited, progress_board=progress_board)
+                           score_reference=score_reference, inherited=inherited, progress_board=progress_board,
+                           deadline=deadline)
 
 
 def build_trainer(cfg: PipelineConfig, job: TrainJob, *, run_name: str, callbacks: Sequence = (),

@@ -44,14 +44,15 @@ def total_steps(cfg: PipelineConfig, steps_per_epoch: int) -> Optional[int]:
     return None
 
 
-def quality_hooks(cfg: PipelineConfig, gan: GAN, loop: LoopState, score_reference: Optional[dict]) -> list[Hook]:
+def quality_hooks(cfg: PipelineConfig, gan: GAN, loop: LoopState, score_reference: Optional[dict],
+                  deadline: Optional[float] = None) -> list[Hook]:
     """The hooks that make a run end with a good generator: the time budget, the learning-rate decay, and on rank 0 the moving average of
     G and the checkpoint score that picks the better of the two at every checkpoint (pipelines.scoring)."""
     from pipelines.scoring import CheckpointScore
 
     t, hooks = cfg.train, []
     if t.resolved_time_budget:
-        loop.time_budget = TimeBudget(t.resolved_time_budget)
+        loop.time_budget = TimeBudget(t.resolved_time_budget, deadline=deadline)
         hooks.append(loop.time_budget)
     if cfg.optim.lr_decay_from < 1.0:
         hooks.append(LearningRateDecay(cfg.optim.lr_decay_from, cfg.optim.lr_final_scale))
@@ -236,7 +237,7 @@ class Worker:
         models = (checkpoint_models.for_worker(client, job.run_id, self.cfg, manifest)
                   if rank == 0 and job.score_reference is not None else None)
         self.hooks: list[Hook] = [*fault_hooks_from_env(console.message),
-                                  *quality_hooks(self.cfg, self.gan, self.loop, job.score_reference),
+                                  *quality_hooks(self.cfg, self.gan, self.loop, job.score_reference, job.deadline),
                                   *default_hooks(self.gan, self.loop, client, job.run_id, console,
                                                  checkpoint_models=models),
                                   *(make() for make in job.hook_factories)]

@@ -22,6 +22,7 @@ import contextlib
 import json
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -49,6 +50,8 @@ class SweepPlan:
     manifest: dict
     score_reference: dict
     preset_values: Optional[dict] = None  # trial 0's values (None: no preset trial in this sweep)
+    # seconds since the epoch (--time-budget): no trial trains past it, whatever time its restarts and pauses took
+    training_deadline: Optional[float] = None
 
 
 def is_preset(config: dict, preset_values: Optional[dict]) -> bool:
@@ -188,11 +191,17 @@ def run_trial(plan: SweepPlan, config: dict) -> None:
             event = _record_exploit(client, run_id, donor, tracking.committed_step(client, run_id), start_step, values)
             print(f"[gan-pipeline] {name}: exploit: copied {event['copied_trial']} at step {start_step}, "
                   f"continuing with {values}", flush=True)
-        log_values(client, run_id, values, start_step)
         segment = f"{name}{SEGMENT_SEPARATOR}{len(segments)}"
+        if start is not None and plan.training_deadline is not None and time.time() >= plan.training_deadline:
+            # restarted after the sweep's deadline (a PBT trial that waited paused): it ends where it stopped
+            print(f"[gan-pipeline] {name}: the sweep's time budget is spent; ending at step {start_step}", flush=True)
+            finish_run(client, run_id, start, str(start), plan.sweep_storage,
+                       segments[-1].name if segments else segment, generator_checkpoint=str(start))
+            return
+        log_values(client, run_id, values, start_step)
         job = make_job(trial_cfg, data_path=plan.data_path, run_id=run_id, tracking_uri=plan.tracking_uri,
                        score_reference=plan.score_reference, resume_from=str(start) if start else None,
-                       inherited=donor is not None)
+                       inherited=donor is not None, deadline=plan.training_deadline)
         report_queue = _queue()
         trainer = build_trainer(trial_cfg, job, run_name=segment, callbacks=[_ReportToTrial.make(report_queue)],
                                 storage=plan.sweep_storage)

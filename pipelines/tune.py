@@ -110,12 +110,23 @@ def preset_point(cfg: PipelineConfig, spec: dict[str, dict]) -> dict[str, Any]:
     return {**point, PRESET_KEY: True}
 
 
+def budget_reserve(sweep_budget: float) -> float:
+    """The share of a sweep's budget (at most 2 min) kept for start-up and the best trial's evaluation and
+    registration."""
+    return min(BUDGET_RESERVE_FRACTION * sweep_budget, BUDGET_RESERVE_MAX_S)
+
+
 def trial_time_budget(sweep_budget: float, samples: int, concurrent: int) -> float:
-    """A trial's training budget from the whole sweep's: a share (at most 2 min) is kept for start-up and the best
-    trial's evaluation and registration; the rest is split between the waves of concurrent trials."""
+    """A trial's training budget from the whole sweep's: the reserve kept, the rest split between the waves of
+    concurrent trials. The sweep's deadline (``training_deadline``) caps it: time that trials spend starting,
+    restarting (PBT) or paused is not training time, and would otherwise come on top of the budget."""
     waves = -(-samples // concurrent)
-    reserve = min(BUDGET_RESERVE_FRACTION * sweep_budget, BUDGET_RESERVE_MAX_S)
-    return (sweep_budget - reserve) / waves
+    return (sweep_budget - budget_reserve(sweep_budget)) / waves
+
+
+def training_deadline(sweep_budget: float, started: float) -> float:
+    """Seconds since the epoch after which no trial trains: the sweep's start plus its budget, less the reserve."""
+    return started + sweep_budget - budget_reserve(sweep_budget)
 
 
 def check_request(cfg: PipelineConfig, spec: dict[str, dict], concurrent: int) -> None:
@@ -216,6 +227,7 @@ def _new_sweep(cfg: PipelineConfig, space_file: Optional[str], created) -> dict:
     from pipelines.prepare import ensure_dataset
     from pipelines.scoring import prepare_reference
 
+    started = time.time()
     concurrent = _concurrency(cfg)
     # trials run in Ray actors with their own working directories: every path is fixed here, in the driver
     cfg = config_from_dict(absolute_config(cfg.model_dump(mode="json")))
@@ -252,7 +264,9 @@ def _new_sweep(cfg: PipelineConfig, space_file: Optional[str], created) -> dict:
     plan = SweepPlan(sweep=sweep, sweep_storage=f"{storage}/{sweep}", tracking_uri=uri, parent_run_id=parent_id,
                      experiment_id=exp_id, base_config=base.model_dump(mode="json"), data_path=data_path,
                      manifest=manifest, score_reference=reference,
-                     preset_values={k: v for k, v in preset.items() if k != PRESET_KEY} if preset else None)
+                     preset_values={k: v for k, v in preset.items() if k != PRESET_KEY} if preset else None,
+                     training_deadline=(training_deadline(cfg.tune.time_budget, started)
+                                        if cfg.tune.time_budget is not None else None))
     from pipelines.files import atomic_write
 
     # what --resume needs, credentials left out (a tracking URI's user:password@ comes from the resuming command)
@@ -289,7 +303,8 @@ def resume_stage(cfg: PipelineConfig, name: str) -> dict:
         raise UserError(f"sweep {name} stopped before its first trial started: there is nothing to continue; "
                         f"start a new sweep (gan-pipeline tune ...)")
     record = json.loads(record_path.read_text())
-    plan = SweepPlan(**record["plan"])
+    # the deadline was the dead driver's: the resumed trials keep their own time budgets (what they have left)
+    plan = replace(SweepPlan(**record["plan"]), training_deadline=None)
     sweep_cfg = config_from_dict(record["config"])
     current_uri = absolute_tracking_uri(cfg.resolved_tracking_uri)
     if tracking.redact_uri(current_uri) == plan.tracking_uri and current_uri != plan.tracking_uri:

@@ -11,7 +11,7 @@ import torch
 from gan_models import GANSpec, build_gan, train_step
 from gan_models.ema import GeneratorEMA
 from gan_models.performance import default_precision
-from pipelines.config import ConfigError, build_config, parse_duration
+from pipelines.config import ConfigError, build_config, config_from_dict, parse_duration
 from gan_models.schedule import lr_scale
 from pipelines.hooks import GeneratorAverage, LearningRateDecay, LoopState, TimeBudget
 from pipelines.loop import run_progress
@@ -80,6 +80,35 @@ def test_time_budget_stops_at_the_deadline_and_resumes_with_what_is_left():
     resumed.load_state_dict({"spent": 40.0})
     assert not _stopped_at(resumed, now, 1019.0)
     assert _stopped_at(resumed, now, 1020.5)
+
+
+def test_a_deadline_shrinks_the_budget_to_the_time_really_left():
+    """A sweep's trial: restarts and pauses are not training time, so its budget ends at the sweep's deadline."""
+    now, wall = [0.0], [5000.0]
+    budget = TimeBudget(60, clock=lambda: now[0], deadline=5030.0, wall_clock=lambda: wall[0])
+    assert budget.seconds == pytest.approx(30.0)  # the progress and the learning-rate decay follow this
+    assert not _stopped_at(budget, now, 29.0)
+    assert _stopped_at(budget, now, 30.5)
+    # checkpointed after 20 s of training, paused, restarted 5 s before the deadline: 5 s left, not 40
+    wall[0], now[0] = 5025.0, 2000.0
+    resumed = TimeBudget(60, clock=lambda: now[0], deadline=5030.0, wall_clock=lambda: wall[0])
+    resumed.load_state_dict({"spent": 20.0})
+    assert resumed.seconds == pytest.approx(25.0)
+    assert not _stopped_at(resumed, now, 2004.0)
+    assert _stopped_at(resumed, now, 2005.5)
+    # a far deadline leaves the budget as it is
+    assert TimeBudget(60, deadline=wall[0] + 10_000, wall_clock=lambda: wall[0]).seconds == 60
+
+
+def test_a_jobs_deadline_reaches_the_workers_time_budget(tmp_path):
+    from pipelines.launch import make_job
+    from pipelines.loop import quality_hooks
+
+    cfg = build_config("dcgan", overrides={"train": {"time_budget": 600}})
+    job = make_job(cfg, data_path=str(tmp_path), run_id="r", tracking_uri="http://127.0.0.1:1", deadline=1234.0)
+    loop = _loop(_gan())
+    quality_hooks(config_from_dict(job.config), loop.gan, loop, None, job.deadline)
+    assert loop.time_budget.deadline == 1234.0 and loop.time_budget.seconds == 0.0  # that moment has passed
 
 
 def test_checkpoint_exports_the_better_of_g_and_its_average(monkeypatch):

@@ -59,10 +59,12 @@ def test_unknown_or_unsafe_sweep_name_is_a_clear_error(tmp_path):
 
 def test_trial_budget_rule_and_verdict_wording():
     from pipelines.sweep_verdict import improvement, summary_line
-    from pipelines.tune import trial_time_budget
+    from pipelines.tune import trial_time_budget, training_deadline
 
     # 20 min, 4 samples, 2 at a time: 2 min kept, 2 waves of 9 min
     assert trial_time_budget(1200, 4, 2) == pytest.approx(540)
+    # and no trial trains past the sweep's start + 18 min, whatever its restarts and pauses took
+    assert training_deadline(1200, started=1000.0) == pytest.approx(1000.0 + 1080)
     assert improvement(8.0, 10.0) == pytest.approx(20.0)
     assert summary_line("s-b", {"domain_fd": 8.0}, {"trial": "s-p", "domain_fd": 10.0}, {"optim.lr_g": 1e-3}
                         ).startswith("beat the preset by 20.0% on domain_fd")
