@@ -221,6 +221,17 @@ def _concurrency(cfg: PipelineConfig) -> int:
     return min(cfg.tune.max_concurrent or max(1, (os.cpu_count() or 1) // per_trial), cfg.tune.samples)
 
 
+def trial_threads(cfg: PipelineConfig, concurrent: int) -> Optional[int]:
+    """Torch threads per trial worker. On a local instance the concurrent trials share this machine's cores, so
+    each worker gets its share (``--threads-per-worker`` overrides): with the single-run default (all cores per
+    worker) two trials on 2 cores ran 4.2x slower than with one thread each, their OpenMP threads spinning on
+    each other's cores (``benchmarks/bench_trial_threads.py``). On a cluster (``--address``) the driver does not
+    know the nodes' cores: None keeps the worker's own rule."""
+    if cfg.train.threads_per_worker or cfg.train.address:
+        return cfg.train.threads_per_worker
+    return max(1, (os.cpu_count() or 1) // (concurrent * cfg.tune.workers_per_trial))
+
+
 def _new_sweep(cfg: PipelineConfig, space_file: Optional[str], created) -> dict:
     from pipelines import preflight
     from pipelines.launch import check_storage, storage_root
@@ -256,6 +267,7 @@ def _new_sweep(cfg: PipelineConfig, space_file: Optional[str], created) -> dict:
 
     base = cfg.model_copy(deep=True)
     base.train.workers = cfg.tune.workers_per_trial
+    base.train.threads_per_worker = trial_threads(cfg, concurrent)
     base.train.checkpoint_every = report_interval(cfg)
     if cfg.tune.time_budget is not None:
         base.train.time_budget = trial_time_budget(cfg.tune.time_budget, cfg.tune.samples, concurrent)
@@ -397,10 +409,11 @@ def _fit(cfg: PipelineConfig, plan: SweepPlan, spec: dict, concurrent: int, mlfl
     from pipelines.launch import storage_root
 
     per_trial = cfg.tune.workers_per_trial
+    cpus = per_trial * (trial_threads(cfg, concurrent) or 1)  # a worker's Ray CPUs are its threads
     storage = storage_root(cfg)
     start = time.perf_counter()
-    with ray_session(cfg.train.address, cpus_needed=per_trial, gpus_needed=per_trial if cfg.train.gpu else 0,
-                     env=tracking.worker_env(plan.tracking_uri), declare_cpus=concurrent * per_trial):
+    with ray_session(cfg.train.address, cpus_needed=cpus, gpus_needed=per_trial if cfg.train.gpu else 0,
+                     env=tracking.worker_env(plan.tracking_uri), declare_cpus=concurrent * cpus):
         if restore:
             tuner = tune.Tuner.restore(plan.sweep_storage, trainable=_trainable(plan), resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)

@@ -72,6 +72,19 @@ def test_trial_budget_rule_and_verdict_wording():
                         ).startswith("did not beat the preset")
 
 
+def test_concurrent_local_trials_share_the_cores_instead_of_each_taking_them_all(monkeypatch):
+    from pipelines.config import build_config
+    from pipelines.tune import trial_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert trial_threads(build_config("wgan"), concurrent=2) == 1
+    assert trial_threads(build_config("wgan"), concurrent=1) == 2
+    assert trial_threads(build_config("wgan"), concurrent=8) == 1
+    assert trial_threads(build_config("wgan", overrides={"train": {"threads_per_worker": 2}}), concurrent=2) == 2
+    # a cluster's nodes are not this machine: the worker's own rule
+    assert trial_threads(build_config("wgan", overrides={"train": {"address": "10.0.0.1:6379"}}), concurrent=2) is None
+
+
 def test_synchronous_pbt_decides_when_a_trial_ends_before_the_perturbation_point():
     """Ray's synchronous PBT decides on the last live trial's report at the point; a trial that ends (error,
     budget spent) before it never reports, and the others waited, paused, for ever. Now its end replays a waiting
