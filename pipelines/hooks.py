@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from pipelines import tags, tracking
+from pipelines.config import TrainConfig
 from pipelines.progress import TrainingProgress, WorkerConsole, format_eta
 from pipelines.training_metrics import CONSOLE_LOSSES, IMAGES_PER_SECOND, LR_SCALE
 
@@ -55,7 +56,7 @@ class LoopState:
     log_every: int
     sample_every: int
     seed: int
-    checkpoint_interval: float = 60.0
+    checkpoint_interval: float = TrainConfig.model_fields["checkpoint_interval"].default
     step: int = 0
     epoch: int = 0
     resumed: bool = False
