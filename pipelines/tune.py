@@ -12,6 +12,7 @@ trial goes on through ``run``'s evaluate and register stages (registered as ``ca
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, replace
@@ -390,6 +391,12 @@ def _within(spec: dict[str, dict]):
     return explore
 
 
+# what a trial's own function (it only waits on its TorchTrainer) reserves; counted when the local instance's CPUs
+# are declared: without it, two trials of 1 CPU each on 2 declared CPUs could not both start their workers, and the
+# second one's worker group timed out again and again while the first trained alone
+TRIAL_DRIVER_CPU = 0.01
+
+
 def _trainable(plan: SweepPlan):
     from ray import tune
 
@@ -398,7 +405,7 @@ def _trainable(plan: SweepPlan):
     def trial(config: dict) -> None:  # one name, so that Tuner.restore finds the sweep's trainable
         run_trial(plan, config)
 
-    return tune.with_resources(trial, {"CPU": 0.01})
+    return tune.with_resources(trial, {"CPU": TRIAL_DRIVER_CPU})
 
 
 def _fit(cfg: PipelineConfig, plan: SweepPlan, spec: dict, concurrent: int, mlflow_client, restore: bool) -> dict:
@@ -413,7 +420,8 @@ def _fit(cfg: PipelineConfig, plan: SweepPlan, spec: dict, concurrent: int, mlfl
     storage = storage_root(cfg)
     start = time.perf_counter()
     with ray_session(cfg.train.address, cpus_needed=cpus, gpus_needed=per_trial if cfg.train.gpu else 0,
-                     env=tracking.worker_env(plan.tracking_uri), declare_cpus=concurrent * cpus):
+                     env=tracking.worker_env(plan.tracking_uri),
+                     declare_cpus=math.ceil(concurrent * (cpus + TRIAL_DRIVER_CPU))):
         if restore:
             tuner = tune.Tuner.restore(plan.sweep_storage, trainable=_trainable(plan), resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
