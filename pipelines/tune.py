@@ -397,6 +397,11 @@ def _within(spec: dict[str, dict]):
 TRIAL_DRIVER_CPU = 0.01
 
 
+def declared_cpus(concurrent: int, worker_cpus: int) -> int:
+    """CPUs a local instance declares so that ``concurrent`` trials run at once: their workers' and their own."""
+    return math.ceil(concurrent * (worker_cpus + TRIAL_DRIVER_CPU))
+
+
 def _trainable(plan: SweepPlan):
     from ray import tune
 
@@ -421,7 +426,7 @@ def _fit(cfg: PipelineConfig, plan: SweepPlan, spec: dict, concurrent: int, mlfl
     start = time.perf_counter()
     with ray_session(cfg.train.address, cpus_needed=cpus, gpus_needed=per_trial if cfg.train.gpu else 0,
                      env=tracking.worker_env(plan.tracking_uri),
-                     declare_cpus=math.ceil(concurrent * (cpus + TRIAL_DRIVER_CPU))):
+                     declare_cpus=declared_cpus(concurrent, cpus)):
         if restore:
             tuner = tune.Tuner.restore(plan.sweep_storage, trainable=_trainable(plan), resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)

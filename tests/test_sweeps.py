@@ -85,6 +85,15 @@ def test_concurrent_local_trials_share_the_cores_instead_of_each_taking_them_all
     assert trial_threads(build_config("wgan", overrides={"train": {"address": "10.0.0.1:6379"}}), concurrent=2) is None
 
 
+def test_the_local_instance_has_room_for_every_concurrent_trial_at_once():
+    """Each trial reserves its worker's CPUs and a little for its own function: 2 trials of 1 CPU on 2 declared
+    CPUs let only one worker start (the other's worker group timed out for 18 minutes)."""
+    from pipelines.tune import TRIAL_DRIVER_CPU, declared_cpus
+
+    for concurrent, worker_cpus in ((2, 1), (8, 1), (1, 2), (3, 4)):
+        assert declared_cpus(concurrent, worker_cpus) >= concurrent * (worker_cpus + TRIAL_DRIVER_CPU)
+
+
 def test_synchronous_pbt_decides_when_a_trial_ends_before_the_perturbation_point():
     """Ray's synchronous PBT decides on the last live trial's report at the point; a trial that ends (error,
     budget spent) before it never reports, and the others waited, paused, for ever. Now its end replays a waiting
