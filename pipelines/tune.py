@@ -225,7 +225,7 @@ def _concurrency(cfg: PipelineConfig) -> int:
 def trial_threads(cfg: PipelineConfig, concurrent: int) -> Optional[int]:
     """Torch threads per trial worker. On a local instance the concurrent trials share this machine's cores, so
     each worker gets its share (``--threads-per-worker`` overrides): with the single-run default (all cores per
-    worker) two trials on 2 cores ran 4.2x slower than with one thread each, their OpenMP threads spinning on
+    worker) two trials on 2 cores ran 4.4x slower than with one thread each, their OpenMP threads spinning on
     each other's cores (``benchmarks/bench_trial_threads.py``). On a cluster (``--address``) the driver does not
     know the nodes' cores: None keeps the worker's own rule."""
     if cfg.train.threads_per_worker or cfg.train.address:
@@ -421,7 +421,9 @@ def _fit(cfg: PipelineConfig, plan: SweepPlan, spec: dict, concurrent: int, mlfl
     from pipelines.launch import storage_root
 
     per_trial = cfg.tune.workers_per_trial
-    cpus = per_trial * (trial_threads(cfg, concurrent) or 1)  # a worker's Ray CPUs are its threads
+    # the threads the trials were given when the sweep was planned (a resumed sweep keeps them); a worker's Ray
+    # CPUs are its threads
+    cpus = per_trial * (plan.base_config["train"]["threads_per_worker"] or 1)
     storage = storage_root(cfg)
     start = time.perf_counter()
     with ray_session(cfg.train.address, cpus_needed=cpus, gpus_needed=per_trial if cfg.train.gpu else 0,
