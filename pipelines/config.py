@@ -166,6 +166,11 @@ class TrainConfig(_Strict):
     def batch_per_worker(self) -> int:
         return self.batch_size // self.workers
 
+    @property
+    def cpus_per_worker(self) -> int:
+        """Ray CPUs a worker reserves: its torch threads (one when unset, the worker then takes the local rule)."""
+        return self.threads_per_worker or 1
+
     @model_validator(mode="after")
     def _batch_splits(self) -> "TrainConfig":
         if self.batch_size % self.workers or self.batch_size // self.workers < 2:

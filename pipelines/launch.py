@@ -61,7 +61,7 @@ def build_trainer(cfg: PipelineConfig, job: TrainJob, *, run_name: str, callback
     from pipelines.scoring import CHECKPOINT_SCORE
 
     t = cfg.train
-    resources = {"CPU": t.threads_per_worker or 1}
+    resources = {"CPU": t.cpus_per_worker}
     # scored runs keep their best checkpoints (and always the latest, to resume from); others the latest few
     ranking = ({"checkpoint_score_attribute": CHECKPOINT_SCORE, "checkpoint_score_order": "min"}
                if job.score_reference is not None else {})

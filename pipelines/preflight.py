@@ -22,7 +22,7 @@ def check_local_size(cfg: PipelineConfig, cpus: Optional[int] = None, what: str 
     """A local instance declares whatever CPUs it is asked for; bound it by the machine."""
     if cfg.train.address:
         return
-    cpus = cpus if cpus is not None else cfg.train.workers * (cfg.train.threads_per_worker or 1)
+    cpus = cpus if cpus is not None else cfg.train.workers * cfg.train.cpus_per_worker
     limit = local_cpu_limit()
     if cpus > limit:
         raise BadValue(f"{what}: the run asks for {cpus} CPUs of a local Ray instance on a {os.cpu_count()}-core "

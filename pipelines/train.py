@@ -128,7 +128,7 @@ def run_training(cfg: PipelineConfig, mlflow_client, uri: str, run_name: str, ru
 
     start = time.perf_counter()
     workers = cfg.train.workers
-    cpus = workers * (cfg.train.threads_per_worker or 1)
+    cpus = workers * cfg.train.cpus_per_worker
     mlflow.set_tracking_uri(uri)
     status = "FAILED"
     try:

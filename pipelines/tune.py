@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipelines import tags, tracking
-from pipelines.config import ConfigError, PipelineConfig, config_from_dict, read_yaml
+from pipelines.config import ConfigError, PipelineConfig, TrainConfig, config_from_dict, read_yaml
 from pipelines.errors import UserError
 from pipelines.job import absolute_config, absolute_tracking_uri
 from pipelines.sweep_trial import PRESET_KEY, SweepPlan
@@ -421,9 +421,8 @@ def _fit(cfg: PipelineConfig, plan: SweepPlan, spec: dict, concurrent: int, mlfl
     from pipelines.launch import storage_root
 
     per_trial = cfg.tune.workers_per_trial
-    # the threads the trials were given when the sweep was planned (a resumed sweep keeps them); a worker's Ray
-    # CPUs are its threads
-    cpus = per_trial * (plan.base_config["train"]["threads_per_worker"] or 1)
+    # the threads the trials were given when the sweep was planned (a resumed sweep keeps them)
+    cpus = per_trial * TrainConfig.model_validate(plan.base_config["train"]).cpus_per_worker
     storage = storage_root(cfg)
     start = time.perf_counter()
     with ray_session(cfg.train.address, cpus_needed=cpus, gpus_needed=per_trial if cfg.train.gpu else 0,
