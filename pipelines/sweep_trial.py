@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ PRESET_KEY = "_preset"
 LINEAGE_ARTIFACT = "lineage.json"
 HYPERPARAMETER_METRIC_PREFIX = "hp."
 SEGMENT_SEPARATOR = "-s"
+DONOR_COPY_SEPARATOR = "-donor"  # the trial's own copy of a donor's checkpoint: <trial>-donor<segment index>
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,28 @@ def _start_point(tune_checkpoint_dir: Optional[Path], own_run_id: str, previous_
     return max(candidates, key=lambda c: checkpoints.checkpoint_progress(c)["step"]), None
 
 
+def _own_copy(donor_checkpoint: Path, trial_storage: Path, name: str, index: int) -> Optional[Path]:
+    """The donor's checkpoint copied into this trial's storage before Ray Train starts
+    (``<trial>-donor<segment>/checkpoint_<step>``, named as Train names its own), or None if it went away
+    meanwhile. The donor trains on while this trial restarts (20-30 s on 2 cores), and Tune's ``num_to_keep``
+    deletes the donor's older checkpoints: measured, asynchronous PBT handed over a donor's checkpoint 14 reports
+    old that was deleted between this trial's start and its worker's load, and the trial failed."""
+    folder = trial_storage / f"{name}{DONOR_COPY_SEPARATOR}{index}"
+    partial = folder.with_name(folder.name + ".partial")
+    for ours in (partial, folder):  # left by an earlier attempt of this segment
+        shutil.rmtree(ours, ignore_errors=True)
+    try:
+        shutil.copytree(donor_checkpoint, partial)
+        step = checkpoints.checkpoint_progress(partial)["step"]
+    except (OSError, shutil.Error, checkpoints.CheckpointError):
+        shutil.rmtree(partial, ignore_errors=True)
+        return None
+    folder.mkdir()
+    target = folder / checkpoints.checkpoint_dir_name(step)
+    os.replace(partial, target)
+    return target
+
+
 def _record_exploit(client, run_id: str, donor_run_id: str, own_step: int, donor_step: int,
                     values: dict[str, Any]) -> dict:
     """The exploit on the trial's run: tags for the runs table, an event appended to ``lineage.json``."""
@@ -186,6 +211,14 @@ def run_trial(plan: SweepPlan, config: dict) -> None:
     tune_checkpoint = tune.get_checkpoint()
     with (tune_checkpoint.as_directory() if tune_checkpoint is not None else contextlib.nullcontext()) as local:
         start, donor = _start_point(Path(local) if local else None, run_id, segments[-1] if segments else None)
+        if donor is not None and "://" not in plan.sweep_storage:  # remote storage: ``local`` is a download
+            copied = _own_copy(start, trial_storage, name, len(segments))
+            if copied is None:
+                print(f"[gan-pipeline] {name}: the donor's checkpoint {start} went away before it could be copied: "
+                      f"the trial goes on from its own last checkpoint", flush=True)
+                start, donor = _start_point(None, run_id, segments[-1] if segments else None)
+            else:
+                start = copied
         start_step = checkpoints.checkpoint_progress(start)["step"] if start is not None else 0
         if donor is not None:
             event = _record_exploit(client, run_id, donor, tracking.committed_step(client, run_id), start_step, values)

@@ -198,6 +198,35 @@ def test_a_trial_starts_from_a_donors_checkpoint_as_given_and_from_its_own_newes
     assert _start_point(gone, "own-run", segment) == (segment / "checkpoint_00000012", None)
 
 
+def test_an_exploiting_trial_trains_from_its_own_copy_of_the_donors_checkpoint(tmp_path):
+    """The donor trains on while the exploiting trial restarts, and Tune's retention deletes the donor's older
+    checkpoints: the trial copies the checkpoint into its own storage first, and a checkpoint gone before it could
+    be copied leaves nothing behind (the trial then goes on from its own)."""
+    import shutil
+
+    from pipelines import checkpoints
+    from pipelines.config import build_config
+    from pipelines.loop import build_training_gan
+    from pipelines.sweep_trial import _own_copy, _segments
+
+    manifest = {"resolution": 28, "channels": 1, "class_names": [str(i) for i in range(10)]}
+    gan = build_training_gan(build_config("dcgan", None, {"model": {"ngf": 8, "ndf": 8, "nz": 8}}), manifest)
+    donor = tmp_path / "donor-trial" / "checkpoint_000031"
+    checkpoints.write_checkpoint(donor, gan, {"step": 1600, "epoch": 8, "batch_in_epoch": 0},
+                                 {"mlflow_run_id": "donor-run"}, [], {})
+    sweep = tmp_path / "sweep"
+    (sweep / "trial-b-s0").mkdir(parents=True)
+    copy = _own_copy(donor, sweep, "trial-b", 1)
+    assert copy == sweep / "trial-b-donor1" / checkpoints.checkpoint_dir_name(1600)
+    assert checkpoints.checkpoint_step(copy) == 1600, "named as Train names its checkpoints"
+    shutil.rmtree(donor)  # the donor's num_to_keep
+    assert checkpoints.checkpoint_progress(copy)["step"] == 1600
+    assert checkpoints.read_run_config(copy)["mlflow_run_id"] == "donor-run"
+    assert [p.name for p in _segments(sweep, "trial-b")] == ["trial-b-s0"], "a copy is not a segment"
+    assert _own_copy(donor, sweep, "trial-b", 2) is None
+    assert sorted(p.name for p in sweep.iterdir()) == ["trial-b-donor1", "trial-b-s0"], "nothing half-copied left"
+
+
 # ------------------------------------------------------------------------------------------------ integration
 @pytest.mark.integration
 @pytest.mark.timeout(900)  # the first test of a session also trains the domain classifier (minutes on a busy machine)
@@ -236,6 +265,9 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint_and_records_lineage(sm
     name = exploited.data.tags["gan_pipeline.run_name"]
     sweep_dir = next((tmp_path / "runs" / "checkpoints").glob("tune-dcgan-pbt-*"))
     first = min((sweep_dir / f"{name}-s1").glob("checkpoint_*"))
+    # the donor's checkpoint, copied before the trial's Train run started
+    own_copy, = (sweep_dir / f"{name}-donor1").glob("checkpoint_*")
+    assert checkpoints.checkpoint_progress(own_copy)["step"] == copied_step
     assert checkpoints.checkpoint_step(first) == copied_step + 4, "continued from the donor's step, not from 0"
     state = checkpoints.safe_load(first / checkpoints.STATE_FILE)
     assert int(state["opt_g"]["state"][0]["step"]) == copied_step + 4, "the donor's optimizer state was carried"
