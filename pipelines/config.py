@@ -235,12 +235,11 @@ class TuneConfig(_Strict):
                                 "report interval (every report carries a checkpoint). Default: 8 reports (a "
                                 "synchronous PBT decision restarts every trial, ~20-30 s each on 2 cores: at 2 "
                                 "reports of WGAN that was as long as the training between them)")
-    pbt_synch: Optional[bool] = Field(
-        None, description="pbt/pb2: every trial waits at each perturbation point until the population got there "
-                          "(a restart per trial and interval). Unset: synchronous where the population is larger "
-                          "than the trials that run at once (a paused trial must wait for the others to get "
-                          "there), asynchronous where the whole population runs at once (only exploited trials "
-                          "restart) - pipelines.tune.pbt_synchronous")
+    pbt_synch: bool = Field(
+        True, description="pbt/pb2: every trial waits at each perturbation point until the population got there "
+                          "(a restart per trial and interval). Needed where fewer trials run at once than the "
+                          "population holds, or trials start at different times (a few cores); false on a "
+                          "cluster that runs the whole population at once")
     include_preset: bool = Field(True, description="trial 0 trains the preset's own values (never stopped or "
                                                    "exploited): the verdict compares the best trial with it")
     time_budget: Optional[float] = Field(

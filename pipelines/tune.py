@@ -337,32 +337,20 @@ def resume_stage(cfg: PipelineConfig, name: str) -> dict:
         return _fit(sweep_cfg, plan, record["space"], int(record["concurrent"]), mlflow_client, restore=True)
 
 
-def pbt_synchronous(cfg: PipelineConfig, concurrent: int) -> bool:
-    """Whether PBT decides synchronously (``tune.pbt_synch``; unset: by the population's size). A population
-    larger than the trials that run at once needs it: a trial paused for another's turn must not be judged on
-    scores the others left behind long ago. Where the whole population runs at once, asynchronous PBT restarts
-    only the exploited trial at a decision, where synchronous PBT restarts every trial (20-30 s each on 2 cores,
-    docs/sweeps.md)."""
-    if cfg.tune.pbt_synch is not None:
-        return cfg.tune.pbt_synch
-    return cfg.tune.samples > concurrent
-
-
-def make_scheduler(cfg: PipelineConfig, spec: dict[str, dict], preset_values: Optional[dict] = None,
-                   concurrent: int = 1):
+def make_scheduler(cfg: PipelineConfig, spec: dict[str, dict], preset_values: Optional[dict] = None):
     """The trial scheduler. PBT and PB2 decide on the loop's own step counter (``step``, continued by an exploited
     trial from its donor's), every ``perturbation_interval`` steps: a multiple of the report interval, so every
     decision falls on a checkpoint (``check_request``)."""
     from pipelines.sweep_schedulers import SCHEDULERS as schedulers
 
     kind = cfg.tune.scheduler
-    scheduler = _scheduler(cfg, spec, schedulers, concurrent)
+    scheduler = _scheduler(cfg, spec, schedulers)
     scheduler.preset_values = preset_values
     scheduler.final_step = cfg.train.max_steps
     return scheduler
 
 
-def _scheduler(cfg: PipelineConfig, spec: dict[str, dict], schedulers: dict, concurrent: int):
+def _scheduler(cfg: PipelineConfig, spec: dict[str, dict], schedulers: dict):
     kind = cfg.tune.scheduler
     if kind == "fifo":
         return schedulers["fifo"]()
@@ -373,7 +361,7 @@ def _scheduler(cfg: PipelineConfig, spec: dict[str, dict], schedulers: dict, con
         return schedulers["asha"](time_attr="training_iteration", grace_period=1, reduction_factor=2,
                                   max_t=max(1, (steps or 10 ** 6) // report_interval(cfg)) + 1)
     common = {"time_attr": "step", "perturbation_interval": perturbation_interval(cfg), "quantile_fraction": 0.5,
-              "synch": pbt_synchronous(cfg, concurrent)}
+              "synch": cfg.tune.pbt_synch}
     if kind == "pb2":
         bounds = {key: list(next(iter(dist.values()))) for key, dist in spec.items()}
         return schedulers["pb2"](hyperparam_bounds=bounds, custom_explore_fn=_within(spec), **common)
@@ -462,7 +450,7 @@ def _fit(cfg: PipelineConfig, plan: SweepPlan, spec: dict, concurrent: int, mlfl
                 _trainable(plan),
                 param_space=space,
                 tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="min", num_samples=samples,
-                                            scheduler=make_scheduler(cfg, spec, plan.preset_values, concurrent),
+                                            scheduler=make_scheduler(cfg, spec, plan.preset_values),
                                             search_alg=search_alg,
                                             max_concurrent_trials=concurrent),
                 run_config=tune.RunConfig(name=plan.sweep, storage_path=storage, verbose=1,

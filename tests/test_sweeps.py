@@ -130,22 +130,6 @@ def test_pbt_keeps_a_donors_checkpoints_of_a_whole_interval():
     assert tune_checkpoints_to_keep(asha) == 3
 
 
-def test_pbt_waits_for_the_population_only_where_it_does_not_all_run_at_once():
-    from pipelines.config import build_config
-    from pipelines.tune import make_scheduler, pbt_synchronous
-
-    def pbt(samples, **tune):
-        return build_config("wgan", overrides={"tune": {"scheduler": "pbt", "samples": samples, **tune}})
-
-    assert pbt_synchronous(pbt(4), concurrent=2)       # trials take turns: they must meet at each point
-    assert not pbt_synchronous(pbt(2), concurrent=2)   # all at once: only an exploited trial restarts
-    assert pbt_synchronous(pbt(2, pbt_synch=True), concurrent=2)
-    assert not pbt_synchronous(pbt(4, pbt_synch=False), concurrent=2)
-    spec = {"optim.lr_g": {"loguniform": [1e-4, 1e-3]}}
-    assert make_scheduler(pbt(2), spec, concurrent=2)._synch is False
-    assert make_scheduler(pbt(4), spec, concurrent=2)._synch is True
-
-
 def test_restored_optimizers_keep_their_state_but_take_the_new_learning_rate(tmp_path):
     import torch
 
@@ -236,8 +220,7 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint_and_records_lineage(sm
     space = tmp_path / "space.yaml"
     space.write_text("optim.lr_g:\n  uniform: [0.3, 0.5]\n")
     config = tmp_path / "tune.yaml"
-    config.write_text("tune:\n  report_samples: 100\n  report_every: 4\n  perturbation_interval: 8\n"
-                      "  pbt_synch: true\n" + EVAL_SMALL)
+    config.write_text("tune:\n  report_samples: 100\n  report_every: 4\n  perturbation_interval: 8\n" + EVAL_SMALL)
     result = subprocess.run([EXE, "tune", "--model", "dcgan", "--scheduler", "pbt", "--config", str(config),
                              "--space", str(space), "--samples", "2", "--max-concurrent", "2",
                              "--workers-per-trial", "1", "--max-steps", "16", "--data", small_mnist,
