@@ -208,15 +208,16 @@ def run_trial(plan: SweepPlan, config: dict) -> None:
 
     trial_storage = Path(plan.sweep_storage)
     segments = _segments(trial_storage, name)
+    previous = segments[-1] if segments else None
     tune_checkpoint = tune.get_checkpoint()
     with (tune_checkpoint.as_directory() if tune_checkpoint is not None else contextlib.nullcontext()) as local:
-        start, donor = _start_point(Path(local) if local else None, run_id, segments[-1] if segments else None)
+        start, donor = _start_point(Path(local) if local else None, run_id, previous)
         if donor is not None and "://" not in plan.sweep_storage:  # remote storage: ``local`` is a download
             copied = _own_copy(start, trial_storage, name, len(segments))
             if copied is None:
                 print(f"[gan-pipeline] {name}: the donor's checkpoint {start} went away before it could be copied: "
                       f"the trial goes on from its own last checkpoint", flush=True)
-                start, donor = _start_point(None, run_id, segments[-1] if segments else None)
+                start, donor = _start_point(None, run_id, previous)
             else:
                 start = copied
         start_step = checkpoints.checkpoint_progress(start)["step"] if start is not None else 0
@@ -229,7 +230,7 @@ def run_trial(plan: SweepPlan, config: dict) -> None:
             # restarted after the sweep's deadline (a PBT trial that waited paused): it ends where it stopped
             print(f"[gan-pipeline] {name}: the sweep's time budget is spent; ending at step {start_step}", flush=True)
             finish_run(client, run_id, start, str(start), plan.sweep_storage,
-                       segments[-1].name if segments else segment, generator_checkpoint=str(start))
+                       previous.name if previous else segment, generator_checkpoint=str(start))
             return
         log_values(client, run_id, values, start_step)
         job = make_job(trial_cfg, data_path=plan.data_path, run_id=run_id, tracking_uri=plan.tracking_uri,
