@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from gan_models.conditioning import discriminator_input, generator_input
+from gan_models.latent_code import code_input
 
 # resolution -> size of the smallest feature map; every other map doubles from there.
 BASE_SIZE = {28: 7, 32: 4, 64: 4}
@@ -48,12 +49,18 @@ def _down(in_ch: int, out_ch: int, norm: bool) -> list[nn.Module]:
 
 
 class Generator(nn.Module):
-    def __init__(self, nz: int, channels: int, resolution: int, ngf: int = 64, num_classes: int | None = None):
+    def __init__(self, nz: int, channels: int, resolution: int, ngf: int = 64, num_classes: int | None = None,
+                 code_categories: int = 0):
         super().__init__()
         base, n_up = _stages(resolution)
+        if code_categories and num_classes:
+            raise ValueError("a generator takes a class label or a latent code, not both")
+        if code_categories > nz:
+            raise ValueError(f"a {code_categories}-category latent code needs nz >= {code_categories}, got nz = {nz}")
         self.nz, self.channels, self.resolution, self.num_classes = nz, channels, resolution, num_classes
+        self.code_categories = code_categories
         width = ngf * 2 ** (n_up - 1)
-        in_ch = nz + (num_classes or 0)
+        in_ch = nz + (num_classes or 0) + code_categories
         self.project = nn.Sequential(
             nn.ConvTranspose2d(in_ch, width, base, stride=1, padding=0, bias=False), nn.BatchNorm2d(width), nn.ReLU(True)
         )
@@ -66,6 +73,8 @@ class Generator(nn.Module):
         self.to_image = nn.Sequential(nn.ConvTranspose2d(width, channels, 4, stride=2, padding=1, bias=False), nn.Tanh())
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.code_categories:  # InfoGAN's categorical code, read from z (gan_models.latent_code)
+            z = code_input(z, self.code_categories)
         return self.to_image(self.body(self.project(generator_input(z, labels, self.num_classes))))
 
 

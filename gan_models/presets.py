@@ -11,6 +11,9 @@
            paper's constant rate is ``--lr-decay-from 1``): domain FD 13.7 instead of 16.6 after 2,000 steps.
 - wgan-gp: Gulrajani et al. 2017, Algorithm 1 - Adam lr 1e-4, betas (0.5, 0.9), lambda = 10, n_critic = 5,
            no batch norm in the critic (the penalty is per sample).
+
+Every unconditional row can add InfoGAN's categorical code (``model.code_categories``, ``--code-categories K``;
+``gan_models.latent_code``); no row does by default (docs/quality.md has the measurements).
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from gan_models import GAN, GANSpec, Generator, unwrap
+from gan_models.step import build_generator
 from pipelines.errors import UserError
 from pipelines.files import atomic_write
 
@@ -123,8 +124,7 @@ def load_generator(directory: Path, device: str = "cpu") -> tuple[Generator, GAN
     """The generator of a checkpoint (or of a run's ``generator`` artifact dir), in eval mode."""
     run_config = read_run_config(directory)
     spec = GANSpec(**run_config["gan_spec"])
-    num_classes = spec.num_classes if spec.conditional else None
-    generator = Generator(spec.nz, spec.channels, spec.resolution, spec.ngf, num_classes)
+    generator = build_generator(spec)
     generator.load_state_dict(safe_load(Path(directory) / GENERATOR_FILE))
     return generator.to(device).eval(), spec, run_config
 

@@ -54,6 +54,9 @@ class ModelConfig(_Strict):
     conditional: bool = False
     num_classes: int = Field(10, ge=2)
     aux_class_weight: float = Field(0.0, ge=0.0)
+    code_categories: int = Field(0, ge=0, description="InfoGAN categorical latent code: categories (0 = none; "
+                                 "unconditional models only)")
+    code_weight: float = Field(1.0, ge=0.0, description="weight of InfoGAN's mutual-information term in G's loss")
     critic_batchnorm: bool = True
     nz: int = Field(100, ge=1)
     ngf: Optional[int] = Field(None, ge=4, description="generator width; default 32 up to 32 px, 64 at 64 px")
@@ -68,6 +71,14 @@ class ModelConfig(_Strict):
             )
         if self.aux_class_weight > 0 and not self.conditional:
             raise ValueError("aux_class_weight > 0 needs conditional: true (the term pushes samples to their label)")
+        if self.code_categories and self.conditional:
+            raise ValueError("code_categories > 0 is for unconditional models (a conditional model has its label as "
+                             "its code); set model.code_categories: 0")
+        if self.code_categories == 1:
+            raise ValueError("code_categories: 1 is not a code (one category carries no information); use 0 or >= 2")
+        if self.code_categories > self.nz:
+            raise ValueError(f"code_categories {self.code_categories} needs nz >= {self.code_categories} (the code is "
+                             f"read from the noise); raise model.nz or lower model.code_categories")
         return self
 
 
@@ -309,7 +320,8 @@ class PipelineConfig(_Strict):
             resolution=resolution, channels=channels, nz=m.nz, ngf=m.ngf or default_width,
             ndf=m.ndf or m.ngf or default_width, objective=m.objective,
             conditional=m.conditional, num_classes=num_classes if m.conditional else m.num_classes,
-            critic_batchnorm=m.critic_batchnorm, aux_class_weight=m.aux_class_weight, optimizer=o.optimizer,
+            critic_batchnorm=m.critic_batchnorm, aux_class_weight=m.aux_class_weight,
+            code_categories=m.code_categories, code_weight=m.code_weight, optimizer=o.optimizer,
             lr_g=o.lr_g, lr_d=o.lr_d, beta1=o.beta1, beta2=o.beta2, n_critic=o.n_critic,
             critic_warmup=o.critic_warmup, clip_value=o.clip_value, gp_weight=o.gp_weight,
             precision=self.resolved_precision(),

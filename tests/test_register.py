@@ -31,7 +31,8 @@ NZ, NUM_CLASSES = 16, 10
 
 # ---------------------------------------------------------------- helpers
 def make_training_run(uri: str, workdir: Path, *, conditional: bool = True, metrics: dict | None = None,
-                      with_generator: bool = True, model: str = "cgan", dataset: str = "mnist", seed: int = 0) -> str:
+                      with_generator: bool = True, model: str = "cgan", dataset: str = "mnist", seed: int = 0,
+                      code_categories: int = 0) -> str:
     """A finished 'training run' as ``finish_run`` leaves it; returns its run id."""
     from mlflow.tracking import MlflowClient
 
@@ -43,7 +44,8 @@ def make_training_run(uri: str, workdir: Path, *, conditional: bool = True, metr
     run_id = run.info.run_id
     client.log_param(run_id, "data.manifest_hash", "abc123manifest")
     if with_generator:
-        spec = GANSpec(resolution=28, channels=1, ngf=8, nz=NZ, conditional=conditional, num_classes=NUM_CLASSES)
+        spec = GANSpec(resolution=28, channels=1, ngf=8, nz=NZ, conditional=conditional, num_classes=NUM_CLASSES,
+                       code_categories=code_categories)
         gan = build_gan(spec, seed=seed)
         out = workdir / f"gen-{uuid.uuid4().hex[:8]}"
         out.mkdir(parents=True)
@@ -305,6 +307,26 @@ def test_label_given_to_unconditional_model(mlflow_server, workdir, tmp_path, ca
         generate_stage(cfg, model_uri=reg["alias_uri"], n=2, label=0, out=str(tmp_path / "x.png"))
     result = generate_stage(cfg, model_uri=reg["alias_uri"], n=4, out=str(tmp_path / "ok.npy"), fmt="npy")
     assert result["shape"] == (4, 1, 28, 28) and result["labels"] is None
+
+
+def test_a_generator_with_a_latent_code_is_registered_and_served_with_it(mlflow_server, workdir):
+    """InfoGAN's code is read from z inside G: the registered model takes z alone and draws what G draws."""
+    import mlflow
+
+    from pipelines.register import register_stage
+
+    name = f"test-info-{uuid.uuid4().hex[:6]}"
+    run_id = make_training_run(mlflow_server, workdir, conditional=False, model="dcgan", metrics={"domain_fd": 3.0},
+                               code_categories=4, seed=5)
+    reg = register_stage(cfg_for(mlflow_server, name), run_id)
+    mlflow.set_tracking_uri(mlflow_server)
+    served = mlflow.pyfunc.load_model(reg["alias_uri"])
+    z = np.random.default_rng(0).standard_normal((6, NZ)).astype(np.float32)
+    local = build_gan(GANSpec(resolution=28, channels=1, ngf=8, nz=NZ, code_categories=4), seed=5).generator.eval()
+    with torch.no_grad():
+        expected = local(torch.from_numpy(z)).numpy()
+    assert local.code_categories == 4
+    np.testing.assert_allclose(served.predict({"z": z}), expected, atol=1e-5)
 
 
 def test_default_name_is_dataset_dash_model():

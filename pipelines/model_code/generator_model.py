@@ -44,15 +44,14 @@ class _Generator:
     def load_context(self, context) -> None:
         import torch
 
-        from gan_models.networks import Generator
+        from gan_models.step import GANSpec, build_generator
 
         with open(context.artifacts["config"]) as fh:
-            spec = json.load(fh)["gan_spec"]
-        self.conditional = bool(spec.get("conditional", False))
-        self.num_classes = int(spec.get("num_classes", 10)) if self.conditional else None
-        self.nz = int(spec["nz"])
-        self.generator = Generator(self.nz, int(spec["channels"]), int(spec["resolution"]), int(spec.get("ngf", 64)),
-                                   self.num_classes)
+            spec = GANSpec(**json.load(fh)["gan_spec"])
+        self.conditional = spec.conditional
+        self.num_classes = spec.num_classes if self.conditional else None
+        self.nz = spec.nz
+        self.generator = build_generator(spec)
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         self.generator.load_state_dict(state)
         self.generator.eval()

@@ -1,0 +1,32 @@
+"""InfoGAN's categorical latent code (Chen et al. 2016), for unconditional models.
+
+A plain generator maps one connected Gaussian onto data made of separate modes (ten digits): whatever it does,
+part of the noise lands between two modes and comes out as an ambiguous sample. InfoGAN gives G a discrete input
+c ~ Cat(K) next to z and maximises a lower bound of the mutual information I(c; G(z, c)) with a recognition network
+Q that guesses c back from the image: L_I = cross-entropy(Q(G(z, c)), c), minimised by G and Q alike. G then has
+every reason to give each category a mode of its own. No labels are used: the categories it learns are its own.
+
+- The code is read from the noise: ``c = argmax(z[:K])``. For z ~ N(0, I) that is uniform over the K categories,
+  so a generator keeps its ``z -> image`` signature: sampling, evaluation and registered models need no extra
+  input, and the same z always gives the same image.                         -> ``latent_code`` / ``code_input``
+- G sees ``[z, onehot(c)]``, as a conditional G sees ``[z, onehot(y)]``.    -> ``Generator`` (networks.py)
+- Q is its own small label-blind network (like the AC-GAN classifier, not a head on the critic: a WGAN critic's
+  weights are clipped, and Q's are not). It learns c from G's samples in the critic phase; G is scored by it, with
+  Q frozen, in the generator phase.                                          -> ``gan_models.step``
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def latent_code(z: torch.Tensor, categories: int) -> torch.Tensor:
+    """The category each noise vector stands for: the index of the largest of its first ``categories`` entries."""
+    if z.shape[1] < categories:
+        raise ValueError(f"a {categories}-category latent code needs nz >= {categories}, got nz = {z.shape[1]}")
+    return z[:, :categories].argmax(dim=1)
+
+
+def code_input(z: torch.Tensor, categories: int) -> torch.Tensor:
+    """``[z, onehot(c)]``: the noise with its category made explicit."""
+    return torch.cat([z, F.one_hot(latent_code(z, categories), categories).to(z.dtype)], dim=1)

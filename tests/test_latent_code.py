@@ -1,0 +1,92 @@
+"""InfoGAN's categorical latent code (Chen et al. 2016): read from z, fed to G, recovered by Q."""
+import math
+
+import pytest
+import torch
+
+from gan_models import GANSpec, build_gan, train_step
+from gan_models.latent_code import code_input, latent_code
+from gan_models.step import build_generator, generator_phase
+from pipelines.config import ConfigError, build_config
+from tests.helpers import constant_batches
+
+
+def _spec(**kw):
+    base = dict(resolution=28, channels=1, ngf=8, ndf=8, nz=16, code_categories=4)
+    return GANSpec(**{**base, **kw})
+
+
+def test_the_code_is_a_uniform_category_read_from_the_noise():
+    z = torch.randn(40_000, 16, generator=torch.Generator().manual_seed(0))
+    codes = latent_code(z, 4)
+    assert torch.equal(codes, latent_code(z.clone(), 4))  # a function of z: the same z, the same code
+    share = torch.bincount(codes, minlength=4).float() / len(codes)
+    assert share.sub(0.25).abs().max() < 0.01
+    x = code_input(z[:3], 4)
+    assert x.shape == (3, 20) and torch.equal(x[:, 16:].argmax(1), codes[:3]) and torch.equal(x[:, 16:].sum(1), torch.ones(3))
+
+
+def test_generator_takes_noise_alone_and_its_output_follows_the_code():
+    g = build_generator(_spec()).eval()
+    assert g.project[0].in_channels == 16 + 4
+    z = torch.randn(1, 16, generator=torch.Generator().manual_seed(1))
+    other = z.clone()
+    top = int(latent_code(z, 4))
+    other[0, (top + 1) % 4] = z[0, top] + 1.0  # another category, every other entry unchanged
+    with torch.no_grad():
+        same, moved = g(torch.cat([z, z])), g(other)
+    assert torch.equal(same[0], same[1])
+    # the one-hot input switched: the image changes by more than the small change of z alone would make
+    plain = build_generator(_spec(code_categories=0)).eval()
+    assert plain.project[0].in_channels == 16
+    assert (moved - same[:1]).abs().mean() > 1e-4
+
+
+def test_q_learns_the_code_in_the_critic_phase_and_g_learns_to_show_it():
+    gan = build_gan(_spec(), seed=0)
+    assert gan.aux_classifier(torch.rand(2, 1, 28, 28)).shape == (2, 4)
+    first = train_step(gan, constant_batches(32, 1, 28))
+    assert {"code_loss_q", "code_loss_g"} <= set(first) and "aux_loss_real" not in first
+    for step in range(1, 80):
+        last = train_step(gan, constant_batches(32, 1, 28), step)
+    # from chance (log 4 = 1.39) to a legible code
+    assert float(first["code_loss_g"]) > 0.8 * math.log(4)
+    assert float(last["code_loss_g"]) < 0.5 * math.log(4)
+
+
+def test_q_is_not_updated_by_the_generator_phase():
+    gan = build_gan(_spec(), seed=0)
+    before = [p.detach().clone() for p in gan.aux_classifier.parameters()]
+    g_before = [p.detach().clone() for p in gan.generator.parameters()]
+    stats = generator_phase(gan, batch=8)
+    assert "code_loss_g" in stats
+    assert all(torch.equal(a, b) for a, b in zip(before, gan.aux_classifier.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(g_before, gan.generator.parameters()))
+
+
+def test_the_code_works_with_every_objective():
+    for kw in (dict(objective="wasserstein", optimizer="rmsprop", clip_value=0.01, n_critic=2),
+               dict(objective="wasserstein-gp", critic_batchnorm=False, gp_weight=10.0, n_critic=2)):
+        gan = build_gan(_spec(**kw), seed=0)
+        stats = train_step(gan, constant_batches(8, 1, 28))
+        assert math.isfinite(float(stats["code_loss_g"]))
+        if kw["objective"] == "wasserstein":  # Q is its own network: the critic's clipping does not reach it
+            assert max(p.abs().max() for p in gan.discriminator.parameters()) <= 0.01 + 1e-7
+            assert max(p.abs().max() for p in gan.aux_classifier.parameters()) > 0.01
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"model": {"conditional": True, "code_categories": 10}}, "unconditional models"),
+    ({"model": {"code_categories": 1}}, "one category carries no information"),
+    ({"model": {"nz": 8, "code_categories": 10}}, "needs nz >= 10"),
+])
+def test_config_refuses_codes_that_cannot_work(override, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config("dcgan", overrides=override)
+
+
+def test_code_flows_from_the_config_to_the_spec():
+    cfg = build_config("wgan", overrides={"model": {"code_categories": 6, "code_weight": 0.5}})
+    spec = cfg.gan_spec(resolution=28, channels=1, num_classes=10)
+    assert (spec.code_categories, spec.code_weight) == (6, 0.5)
+    assert build_config("wgan", overrides={"model": {"code_categories": 0}}).gan_spec(28, 1, 10).code_categories == 0
