@@ -2,20 +2,22 @@
 -> register) with its default time budget, scored by the pipeline's own evaluate (10k generated vs 10k held-out).
 
     python benchmarks/bench_quality.py [--presets wgan,dcgan,wgan-gp,cgan] [--workers 1,4] [--time-budget 7m30s]
-                                       [--epochs N] [--workdir DIR]
+                                       [--epochs N] [--workdir DIR] [--run-options "--code-categories 10"]
 
 Prints one row per run (wall time end to end, generator steps, domain FD, precision, recall, label accuracy for
 conditional models), the machine, and the command to reproduce. The domain classifier is trained by the first run
 and shared by the others (GAN_PIPELINE_CLASSIFIER_CACHE), as it is for repeated runs in one runs dir; the first
 row's wall time includes its training. With ``--epochs N`` every run trains the same epochs instead of a time
 budget: the distributed-quality check (``--workers 4`` within 10% of ``--workers 1`` on domain FD). The table of
-levers tried to get here (docs/quality.md) is printed after the results.
+levers tried to get here (docs/quality.md) is printed after the results. ``--run-options`` passes more options to
+every `gan-pipeline run` (a lever against the defaults: run the benchmark twice, with and without).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -34,8 +36,10 @@ TARGETS = {"wgan": {"domain_fd": 5.0, "precision": 0.7, "recall": 0.7},
            "cgan": {"domain_fd": 2.0, "recall": 0.75, "label_accuracy": 0.97}}
 
 
-def run_one(preset: str, workers: int, workdir: Path, budget: str | None, epochs: int | None = None) -> dict:
-    where = workdir / (f"{preset}-w{workers}" + (f"-e{epochs}" if epochs else ""))
+def run_one(preset: str, workers: int, workdir: Path, budget: str | None, epochs: int | None = None,
+            run_options: str = "") -> dict:
+    where = workdir / (f"{preset}-w{workers}" + (f"-e{epochs}" if epochs else "")
+                       + ("-" + "".join(c for c in run_options if c.isalnum()) if run_options else ""))
     where.mkdir(parents=True, exist_ok=True)
     cmd = [str(Path(sys.executable).with_name("gan-pipeline")), "run", "--model", preset, "--workers", str(workers),
            "--runs-dir", str(where / "gan-runs"), "--tracking-uri", f"sqlite:///{where / 'mlflow.db'}"]
@@ -43,6 +47,7 @@ def run_one(preset: str, workers: int, workdir: Path, budget: str | None, epochs
         cmd += ["--time-budget", budget]
     if epochs:
         cmd += ["--epochs", str(epochs)]
+    cmd += shlex.split(run_options)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=where, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -62,6 +67,7 @@ def main() -> None:
     parser.add_argument("--time-budget", default=None, help="default: the pipeline's own default budget")
     parser.add_argument("--epochs", type=int, default=None, help="equal epochs instead of the time budget")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--run-options", default="", help='more options for every run, e.g. "--code-categories 10"')
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-quality-"))
     os.environ.setdefault("GAN_PIPELINE_CLASSIFIER_CACHE", str(workdir / "classifiers"))
@@ -69,7 +75,7 @@ def main() -> None:
     rows = []
     for preset in args.presets.split(","):
         for workers in (int(w) for w in args.workers.split(",")):
-            row = run_one(preset, workers, workdir, args.time_budget, args.epochs)
+            row = run_one(preset, workers, workdir, args.time_budget, args.epochs, args.run_options)
             rows.append(row)
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                               if k in ("preset", "workers", "wall_s", "steps", "domain_fd", "precision", "recall",
@@ -95,7 +101,8 @@ def main() -> None:
         print("\nLevers tried (docs/quality.md)" + levers[1].split("\n## ", 1)[0].rstrip())
     print(f"\nreproduce: python benchmarks/bench_quality.py --presets {args.presets} --workers {args.workers}"
           + (f" --time-budget {args.time_budget}" if args.time_budget else "")
-          + (f" --epochs {args.epochs}" if args.epochs else ""))
+          + (f" --epochs {args.epochs}" if args.epochs else "")
+          + (f" --run-options {shlex.quote(args.run_options)}" if args.run_options else ""))
 
 
 if __name__ == "__main__":

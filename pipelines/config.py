@@ -362,7 +362,15 @@ def read_yaml(path: str | Path) -> dict:
     data = load_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (model:, optim:, ...), got {type(data).__name__}")
+    for section, values in data.items():
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"config file {path}: section {section!r} must be a mapping of keys (e.g. "
+                              f"'{section}:' followed by indented 'key: value' lines), got {type(values).__name__} {values!r}")
     return data
+
+
+def _section(values: dict, name: str) -> dict:
+    return values.get(name) or {}
 
 
 def build_config(
@@ -373,7 +381,7 @@ def build_config(
     """Preset <- YAML <- CLI overrides (``{"train": {"workers": 4}}``; ``None`` values mean 'not given')."""
     file_values = read_yaml(yaml_path) if yaml_path else {}
     origin = f"{yaml_path} and command line" if yaml_path else "command line"
-    name = model or (file_values.get("model") or {}).get("name") or "dcgan"
+    name = model or _section(file_values, "model").get("name") or "dcgan"
     if name not in PRESETS:
         raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
     cli = {
@@ -383,6 +391,11 @@ def build_config(
     # an empty override section must not replace a YAML section: `optim: 0.1` was silently reset to defaults
     cli = {section: values for section, values in cli.items() if values}
     merged = _deep_merge(_deep_merge(preset(name), file_values), cli)
+    given = {**_section(file_values, "model"), **_section(cli, "model")}
+    if given.get("conditional") and "code_categories" not in given:
+        # a conditional model has its label for a code: the preset's latent code gives way (one given explicitly
+        # is refused with the reason)
+        merged["model"]["code_categories"] = 0
     merged.setdefault("model", {})["name"] = name
     try:
         return PipelineConfig.model_validate(merged)

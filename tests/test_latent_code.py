@@ -90,3 +90,21 @@ def test_code_flows_from_the_config_to_the_spec():
     spec = cfg.gan_spec(resolution=28, channels=1, num_classes=10)
     assert (spec.code_categories, spec.code_weight) == (6, 0.5)
     assert build_config("wgan", overrides={"model": {"code_categories": 0}}).gan_spec(28, 1, 10).code_categories == 0
+
+
+def test_dcgan_has_the_code_by_default_and_the_papers_model_is_one_flag_away(tmp_path):
+    assert build_config("dcgan").model.code_categories == 10
+    assert build_config("dcgan", overrides={"model": {"code_categories": 0}}).model.code_categories == 0
+    for name in ("wgan", "wgan-gp", "cgan"):
+        assert build_config(name).model.code_categories == 0
+    # a conditional DCGAN from a YAML file: the label is its code, the preset's latent code gives way
+    yaml_file = tmp_path / "cond.yaml"
+    yaml_file.write_text("model:\n  conditional: true\n")
+    cfg = build_config("dcgan", yaml_path=yaml_file)
+    assert cfg.model.conditional and cfg.model.code_categories == 0
+    # ... but one asked for explicitly is refused, with the reason
+    with pytest.raises(ConfigError, match="unconditional models"):
+        build_config("dcgan", yaml_path=yaml_file, overrides={"model": {"code_categories": 10}})
+    yaml_file.write_text("model: 3\n")  # not a mapping: an error that says so, not a traceback
+    with pytest.raises(ConfigError, match="section 'model' must be a mapping"):
+        build_config(yaml_path=yaml_file)
