@@ -362,8 +362,10 @@ def read_yaml(path: str | Path) -> dict:
     data = load_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (model:, optim:, ...), got {type(data).__name__}")
+    # an empty section ("model:" with its keys commented out) is an empty mapping, not null
+    data = {section: {} if values is None else values for section, values in data.items()}
     for section, values in data.items():
-        if values is not None and not isinstance(values, dict):
+        if not isinstance(values, dict):
             raise ConfigError(f"config file {path}: section {section!r} must be a mapping of keys (e.g. "
                               f"'{section}:' followed by indented 'key: value' lines), got {type(values).__name__} {values!r}")
     return data

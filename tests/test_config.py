@@ -84,3 +84,12 @@ def test_on_by_default_flags_can_be_switched_off_and_absent_flags_keep_the_yaml(
     assert "channels_last: false" in kept.output, kept.output
     back_on = runner.invoke(cli, ["train", "--config", str(config), "--channels-last", "--dry-run"])
     assert "channels_last: true" in back_on.output
+
+
+def test_yaml_sections_empty_or_not_mappings(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("model:\noptim:\n")  # keys commented out: empty sections, not a traceback
+    assert build_config(yaml_path=yaml_file).model.name == "dcgan"
+    yaml_file.write_text("model: 3\n")  # not a mapping: an error that names the section, not a traceback
+    with pytest.raises(ConfigError, match="section 'model' must be a mapping"):
+        build_config(yaml_path=yaml_file)
