@@ -138,13 +138,13 @@ def test_restored_optimizers_keep_their_state_but_take_the_new_learning_rate(tmp
     from pipelines.loop import apply_hyperparameters, build_training_gan
 
     manifest = {"resolution": 28, "channels": 1, "class_names": [str(i) for i in range(10)]}
-    cfg = build_config("dcgan", None, {"model": {"ngf": 8, "ndf": 8, "nz": 8}})
+    cfg = build_config("dcgan", None, {"model": {"ngf": 8, "ndf": 8, "nz": 16}})
     gan = build_training_gan(cfg, manifest)
-    loss = gan.generator(torch.randn(2, 8)).mean()
+    loss = gan.generator(torch.randn(2, 16)).mean()
     loss.backward()
     gan.opt_g.step()
     checkpoints.write_checkpoint(tmp_path, gan, {"step": 7, "epoch": 0, "batch_in_epoch": 7}, {}, [], {})
-    tuned = build_config("dcgan", None, {"model": {"ngf": 8, "ndf": 8, "nz": 8}, "optim": {"lr_g": 3e-3}})
+    tuned = build_config("dcgan", None, {"model": {"ngf": 8, "ndf": 8, "nz": 16}, "optim": {"lr_g": 3e-3}})
     other = build_training_gan(tuned, manifest)
     checkpoints.restore(other, tmp_path)
     apply_hyperparameters(other, tuned)
@@ -162,7 +162,7 @@ def test_a_trial_starts_from_a_donors_checkpoint_as_given_and_from_its_own_newes
     from pipelines.sweep_trial import _start_point
 
     manifest = {"resolution": 28, "channels": 1, "class_names": [str(i) for i in range(10)]}
-    gan = build_training_gan(build_config("dcgan", None, {"model": {"ngf": 8, "ndf": 8, "nz": 8}}), manifest)
+    gan = build_training_gan(build_config("dcgan", None, {"model": {"ngf": 8, "ndf": 8, "nz": 16}}), manifest)
 
     def write(where: Path, step: int, run_id: str) -> Path:
         checkpoints.write_checkpoint(where, gan, {"step": step, "epoch": 0, "batch_in_epoch": step},
@@ -194,7 +194,7 @@ def test_an_exploiting_trial_trains_from_its_own_copy_of_the_donors_checkpoint(t
     from pipelines.sweep_trial import _own_copy, _segments
 
     manifest = {"resolution": 28, "channels": 1, "class_names": [str(i) for i in range(10)]}
-    gan = build_training_gan(build_config("dcgan", None, {"model": {"ngf": 8, "ndf": 8, "nz": 8}}), manifest)
+    gan = build_training_gan(build_config("dcgan", None, {"model": {"ngf": 8, "ndf": 8, "nz": 16}}), manifest)
     donor = tmp_path / "donor-trial" / "checkpoint_000031"
     checkpoints.write_checkpoint(donor, gan, {"step": 1600, "epoch": 8, "batch_in_epoch": 0},
                                  {"mlflow_run_id": "donor-run"}, [], {})
