@@ -20,10 +20,15 @@ import torch
 import torch.nn.functional as F
 
 
+def check_room(nz: int, categories: int) -> None:
+    """The code is read from z's first ``categories`` entries: z must have that many."""
+    if nz < categories:
+        raise ValueError(f"a {categories}-category latent code needs nz >= {categories}, got nz = {nz}")
+
+
 def latent_code(z: torch.Tensor, categories: int) -> torch.Tensor:
     """The category each noise vector stands for: the index of the largest of its first ``categories`` entries."""
-    if z.shape[1] < categories:
-        raise ValueError(f"a {categories}-category latent code needs nz >= {categories}, got nz = {z.shape[1]}")
+    check_room(z.shape[1], categories)
     return z[:, :categories].argmax(dim=1)
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from gan_models.conditioning import discriminator_input, generator_input
-from gan_models.latent_code import code_input
+from gan_models.latent_code import check_room, code_input
 
 # resolution -> size of the smallest feature map; every other map doubles from there.
 BASE_SIZE = {28: 7, 32: 4, 64: 4}
@@ -55,8 +55,7 @@ class Generator(nn.Module):
         base, n_up = _stages(resolution)
         if code_categories and num_classes:
             raise ValueError("a generator takes a class label or a latent code, not both")
-        if code_categories > nz:
-            raise ValueError(f"a {code_categories}-category latent code needs nz >= {code_categories}, got nz = {nz}")
+        check_room(nz, code_categories)
         self.nz, self.channels, self.resolution, self.num_classes = nz, channels, resolution, num_classes
         self.code_categories = code_categories
         width = ngf * 2 ** (n_up - 1)

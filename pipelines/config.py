@@ -371,10 +371,6 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def _section(values: dict, name: str) -> dict:
-    return values.get(name) or {}
-
-
 def build_config(
     model: Optional[str] = None,
     yaml_path: Optional[str | Path] = None,
@@ -383,7 +379,7 @@ def build_config(
     """Preset <- YAML <- CLI overrides (``{"train": {"workers": 4}}``; ``None`` values mean 'not given')."""
     file_values = read_yaml(yaml_path) if yaml_path else {}
     origin = f"{yaml_path} and command line" if yaml_path else "command line"
-    name = model or _section(file_values, "model").get("name") or "dcgan"
+    name = model or file_values.get("model", {}).get("name") or "dcgan"
     if name not in PRESETS:
         raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
     cli = {
@@ -393,7 +389,7 @@ def build_config(
     # an empty override section must not replace a YAML section: `optim: 0.1` was silently reset to defaults
     cli = {section: values for section, values in cli.items() if values}
     merged = _deep_merge(_deep_merge(preset(name), file_values), cli)
-    given = {**_section(file_values, "model"), **_section(cli, "model")}
+    given = {**file_values.get("model", {}), **cli.get("model", {})}
     if given.get("conditional") and "code_categories" not in given:
         # a conditional model has its label for a code: the preset's latent code gives way (one given explicitly
         # is refused with the reason)
