@@ -91,12 +91,19 @@ def safe_load(path: Path) -> Any:
 def restore(gan: GAN, directory: Path) -> tuple[dict[str, int], dict]:
     """Load a checkpoint into ``gan`` (before DDP wrapping); return its progress counters and the hooks' states."""
     state = safe_load(Path(directory) / STATE_FILE)
-    unwrap(gan.generator).load_state_dict(state["generator"])
-    unwrap(gan.discriminator).load_state_dict(state["discriminator"])
-    if gan.aux_classifier is not None:
-        unwrap(gan.aux_classifier).load_state_dict(state["aux_classifier"])
-    gan.opt_g.load_state_dict(state["opt_g"])
-    gan.opt_d.load_state_dict(state["opt_d"])
+    try:
+        unwrap(gan.generator).load_state_dict(state["generator"])
+        unwrap(gan.discriminator).load_state_dict(state["discriminator"])
+        if gan.aux_classifier is not None:
+            unwrap(gan.aux_classifier).load_state_dict(state["aux_classifier"])
+        gan.opt_g.load_state_dict(state["opt_g"])
+        gan.opt_d.load_state_dict(state["opt_d"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(
+            f"checkpoint {directory} does not fit this model: its networks were built with other settings (model "
+            f"sizes, code, conditioning) or by an older gan-pipeline whose layout differs. Resume it with the "
+            f"release and settings that wrote it, or start a new run.\n  detail: {str(exc).splitlines()[0]}"
+        ) from None
     for name in ("scaler_g", "scaler_d"):
         if name in state and getattr(gan, name) is not None:
             getattr(gan, name).load_state_dict(state[name])

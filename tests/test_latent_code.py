@@ -105,3 +105,17 @@ def test_dcgan_has_the_code_by_default_and_the_papers_model_is_one_flag_away(tmp
     # ... but one asked for explicitly is refused, with the reason
     with pytest.raises(ConfigError, match="unconditional models"):
         build_config("dcgan", yaml_path=yaml_file, overrides={"model": {"code_categories": 10}})
+
+
+def test_a_checkpoint_of_another_layout_is_refused_by_name(tmp_path):
+    """A run resumed into a model its checkpoint does not fit (here: a coded model from a checkpoint of one without
+    the code, whose Q it lacks) gets a CheckpointError that says so and what to do, not a state-dict traceback."""
+    from pipelines.checkpoints import CheckpointError, restore, write_checkpoint
+
+    write_checkpoint(tmp_path, build_gan(_spec(code_categories=0), seed=0), {"step": 3, "epoch": 0, "batch_in_epoch": 3},
+                     {}, [], {})
+    with pytest.raises(CheckpointError, match="does not fit this model.*start a new run"):
+        restore(build_gan(_spec(), seed=1), tmp_path)
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        restore(build_gan(_spec(code_categories=0, ngf=16), seed=1), tmp_path)  # another width
+    assert restore(build_gan(_spec(code_categories=0), seed=2), tmp_path)[0]["step"] == 3
