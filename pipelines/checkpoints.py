@@ -14,6 +14,7 @@ The names below are the artifact layout's one owner, the run artifacts a finishe
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 from pathlib import Path
@@ -88,22 +89,30 @@ def safe_load(path: Path) -> Any:
         raise CheckpointError(f"checkpoint file {path} is unreadable or truncated: {exc}") from None
 
 
+@contextlib.contextmanager
+def _must_fit(directory: Path, way_out: str):
+    """Weights that do not fit the networks built for them: a CheckpointError naming the checkpoint, not a
+    ``load_state_dict`` traceback."""
+    try:
+        yield
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(
+            f"checkpoint {directory} does not fit this model: its networks were built with other settings (model "
+            f"sizes, code, conditioning) or by an older gan-pipeline whose layout differs. {way_out}"
+            f"\n  detail: {str(exc).splitlines()[0]}"
+        ) from None
+
+
 def restore(gan: GAN, directory: Path) -> tuple[dict[str, int], dict]:
     """Load a checkpoint into ``gan`` (before DDP wrapping); return its progress counters and the hooks' states."""
     state = safe_load(Path(directory) / STATE_FILE)
-    try:
+    with _must_fit(directory, "Resume it with the release and settings that wrote it, or start a new run."):
         unwrap(gan.generator).load_state_dict(state["generator"])
         unwrap(gan.discriminator).load_state_dict(state["discriminator"])
         if gan.aux_classifier is not None:
             unwrap(gan.aux_classifier).load_state_dict(state["aux_classifier"])
         gan.opt_g.load_state_dict(state["opt_g"])
         gan.opt_d.load_state_dict(state["opt_d"])
-    except (KeyError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(
-            f"checkpoint {directory} does not fit this model: its networks were built with other settings (model "
-            f"sizes, code, conditioning) or by an older gan-pipeline whose layout differs. Resume it with the "
-            f"release and settings that wrote it, or start a new run.\n  detail: {str(exc).splitlines()[0]}"
-        ) from None
     for name in ("scaler_g", "scaler_d"):
         if name in state and getattr(gan, name) is not None:
             getattr(gan, name).load_state_dict(state[name])
@@ -132,7 +141,9 @@ def load_generator(directory: Path, device: str = "cpu") -> tuple[Generator, GAN
     run_config = read_run_config(directory)
     spec = GANSpec(**run_config["gan_spec"])
     generator = build_generator(spec)
-    generator.load_state_dict(safe_load(Path(directory) / GENERATOR_FILE))
+    weights = safe_load(Path(directory) / GENERATOR_FILE)
+    with _must_fit(directory, f"Its {GENERATOR_FILE} and {CONFIG_FILE} must come from the same checkpoint."):
+        generator.load_state_dict(weights)
     return generator.to(device).eval(), spec, run_config
 
 

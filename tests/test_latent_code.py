@@ -1,5 +1,7 @@
 """InfoGAN's categorical latent code (Chen et al. 2016): read from z, fed to G, recovered by Q."""
+import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -110,7 +112,7 @@ def test_dcgan_has_the_code_by_default_and_the_papers_model_is_one_flag_away(tmp
 def test_a_checkpoint_of_another_layout_is_refused_by_name(tmp_path):
     """A run resumed into a model its checkpoint does not fit (here: a coded model from a checkpoint of one without
     the code, whose Q it lacks) gets a CheckpointError that says so and what to do, not a state-dict traceback."""
-    from pipelines.checkpoints import CheckpointError, restore, write_checkpoint
+    from pipelines.checkpoints import CONFIG_FILE, CheckpointError, load_generator, restore, write_checkpoint
 
     write_checkpoint(tmp_path, build_gan(_spec(code_categories=0), seed=0), {"step": 3, "epoch": 0, "batch_in_epoch": 3},
                      {}, [], {})
@@ -119,3 +121,7 @@ def test_a_checkpoint_of_another_layout_is_refused_by_name(tmp_path):
     with pytest.raises(CheckpointError, match="does not fit this model"):
         restore(build_gan(_spec(code_categories=0, ngf=16), seed=1), tmp_path)  # another width
     assert restore(build_gan(_spec(code_categories=0), seed=2), tmp_path)[0]["step"] == 3
+    # evaluate/register's loader: a generator.pt beside another checkpoint's config.json
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"gan_spec": asdict(_spec())}))
+    with pytest.raises(CheckpointError, match="does not fit this model.*must come from the same checkpoint"):
+        load_generator(tmp_path)
