@@ -444,7 +444,9 @@ def _fit(cfg: PipelineConfig, plan: SweepPlan, spec: dict, concurrent: int, mlfl
                 search_alg = OptunaSearch(points_to_evaluate=[{k: v for k, v in p.items() if k != PRESET_KEY}
                                                               for p in points] or None)
             else:
-                search_alg = BasicVariantGenerator(points_to_evaluate=points or None)
+                # Ray applies max_concurrent_trials to a Searcher only: a generator passed in keeps its own limit
+                # (without it every trial started at once, --max-concurrent ignored)
+                search_alg = BasicVariantGenerator(points_to_evaluate=points or None, max_concurrent=concurrent)
             keep = tune_checkpoints_to_keep(cfg)
             tuner = tune.Tuner(
                 _trainable(plan),
