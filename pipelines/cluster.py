@@ -16,7 +16,8 @@ class ClusterError(UserError):
 @contextlib.contextmanager
 def ray_session(address: Optional[str], cpus_needed: int, gpus_needed: int = 0,
                 env: Optional[dict[str, str]] = None, declare_cpus: Optional[int] = None,
-                worker_output: bool = True, lean: bool = False) -> Iterator[None]:
+                worker_output: bool = True, lean: bool = False,
+                resources: Optional[dict[str, float]] = None) -> Iterator[None]:
     """Start (and cleanly stop) a local Ray instance, or join ``address``; check up front that the work fits.
 
     ``cpus_needed``: what one unit of work (a training run, a Tune trial) needs; ``declare_cpus``: what the local
@@ -29,6 +30,8 @@ def ray_session(address: Optional[str], cpus_needed: int, gpus_needed: int = 0,
     trials' lines come that way). ``train`` turns it off: its progress comes through ``pipelines.progress``, a
     failure as the exception ``fit`` raises, and the rest stays in Ray's session logs. Ray's own driver-side log
     lines go to the product's log file either way (errors still to the console).
+
+    ``resources``: custom resources a local instance declares (``tune``'s trial slots); not for a cluster.
 
     ``lean`` (a local instance only; ``--address`` clusters are as their owner set them up): only the services a
     local training run needs, see ``LEAN_LOCAL_ENV``: faster to start, and less of the machine taken while training.
@@ -70,7 +73,7 @@ def ray_session(address: Optional[str], cpus_needed: int, gpus_needed: int = 0,
             # every address Ray lets us choose on loopback (its gRPC servers still bind the wildcard, guarded by
             # the token; docs/reliability.md, Security)
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed, declare_cpus or 0),
-                     num_gpus=gpus, include_dashboard=not lean, dashboard_host="127.0.0.1",
+                     num_gpus=gpus, resources=resources, include_dashboard=not lean, dashboard_host="127.0.0.1",
                      _node_ip_address="127.0.0.1", **quiet)
         except BaseException:
             restore()

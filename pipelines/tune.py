@@ -395,6 +395,12 @@ def _within(spec: dict[str, dict]):
 # are declared: without it, two trials of 1 CPU each on 2 declared CPUs could not both start their workers, and the
 # second one's worker group timed out again and again while the first trained alone
 TRIAL_DRIVER_CPU = 0.01
+# A local instance's trial slots, one per concurrent trial. A trial's own CPU is a token (its Train workers ask for
+# theirs separately, where Tune does not see them), so without a resource that Tune counts every trial would start
+# at once and the extra ones' worker groups would time out while waiting for CPUs. With the slots Tune keeps the
+# extra trials PENDING, and PBT time-shares the population (it pauses a trial at a perturbation point and starts a
+# pending one), which a search generator's max_concurrent cannot do: paused trials count against that limit.
+TRIAL_SLOT = "gan_pipeline_trial_slot"
 
 
 def declared_cpus(concurrent: int, worker_cpus: int) -> int:
@@ -402,7 +408,7 @@ def declared_cpus(concurrent: int, worker_cpus: int) -> int:
     return math.ceil(concurrent * (worker_cpus + TRIAL_DRIVER_CPU))
 
 
-def _trainable(plan: SweepPlan):
+def _trainable(plan: SweepPlan, local: bool):
     from ray import tune
 
     from pipelines.sweep_trial import run_trial
@@ -410,7 +416,7 @@ def _trainable(plan: SweepPlan):
     def trial(config: dict) -> None:  # one name, so that Tuner.restore finds the sweep's trainable
         run_trial(plan, config)
 
-    return tune.with_resources(trial, {"CPU": TRIAL_DRIVER_CPU})
+    return tune.with_resources(trial, {"CPU": TRIAL_DRIVER_CPU, **({TRIAL_SLOT: 1} if local else {})})
 
 
 def _fit(cfg: PipelineConfig, plan: SweepPlan, spec: dict, concurrent: int, mlflow_client, restore: bool) -> dict:
@@ -421,15 +427,17 @@ def _fit(cfg: PipelineConfig, plan: SweepPlan, spec: dict, concurrent: int, mlfl
     from pipelines.launch import storage_root
 
     per_trial = cfg.tune.workers_per_trial
+    local = not cfg.train.address
+    population_based = cfg.tune.scheduler in ("pbt", "pb2")
     # the threads the trials were given when the sweep was planned (a resumed sweep keeps them)
     cpus = per_trial * TrainConfig.model_validate(plan.base_config["train"]).cpus_per_worker
     storage = storage_root(cfg)
     start = time.perf_counter()
     with ray_session(cfg.train.address, cpus_needed=cpus, gpus_needed=per_trial if cfg.train.gpu else 0,
                      env=tracking.worker_env(plan.tracking_uri),
-                     declare_cpus=declared_cpus(concurrent, cpus)):
+                     declare_cpus=declared_cpus(concurrent, cpus), resources={TRIAL_SLOT: concurrent}):
         if restore:
-            tuner = tune.Tuner.restore(plan.sweep_storage, trainable=_trainable(plan), resume_unfinished=True,
+            tuner = tune.Tuner.restore(plan.sweep_storage, trainable=_trainable(plan, local), resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
         else:
             points = [preset_point(cfg, spec)] if cfg.tune.include_preset else []
@@ -444,17 +452,18 @@ def _fit(cfg: PipelineConfig, plan: SweepPlan, spec: dict, concurrent: int, mlfl
                 search_alg = OptunaSearch(points_to_evaluate=[{k: v for k, v in p.items() if k != PRESET_KEY}
                                                               for p in points] or None)
             else:
-                # Ray applies max_concurrent_trials to a Searcher only: a generator passed in keeps its own limit
-                # (without it every trial started at once, --max-concurrent ignored)
-                search_alg = BasicVariantGenerator(points_to_evaluate=points or None, max_concurrent=concurrent)
+                # Ray applies max_concurrent_trials to a Searcher only: a generator passed in carries its own
+                # limit (without it --max-concurrent was ignored on a cluster). Not for PBT: see TRIAL_SLOT.
+                search_alg = BasicVariantGenerator(points_to_evaluate=points or None,
+                                                   max_concurrent=0 if population_based else concurrent)
             keep = tune_checkpoints_to_keep(cfg)
             tuner = tune.Tuner(
-                _trainable(plan),
+                _trainable(plan, local),
                 param_space=space,
                 tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="min", num_samples=samples,
                                             scheduler=make_scheduler(cfg, spec, plan.preset_values),
                                             search_alg=search_alg,
-                                            max_concurrent_trials=concurrent),
+                                            max_concurrent_trials=None if population_based else concurrent),
                 run_config=tune.RunConfig(name=plan.sweep, storage_path=storage, verbose=1,
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=keep)),
             )

@@ -217,12 +217,14 @@ def test_an_exploiting_trial_trains_from_its_own_copy_of_the_donors_checkpoint(t
 def test_pbt_exploit_continues_from_the_donors_checkpoint_and_records_lineage(small_mnist, tmp_path, mlflow_server):
     # trial 0 is the preset (Adam 2e-4: learns); trial 1 draws a destructive lr in [0.3, 0.5]: PBT copies the
     # preset's checkpoint into it at the perturbation point (step 8; synchronous PBT: both trials wait there).
+    # One trial at a time for a population of two, as on a laptop (4 samples, 2 at a time by default): PBT pauses
+    # trial 0 at step 8 and runs trial 1 up to it (pipelines.tune.TRIAL_SLOT), or nothing is ever exploited.
     space = tmp_path / "space.yaml"
     space.write_text("optim.lr_g:\n  uniform: [0.3, 0.5]\n")
     config = tmp_path / "tune.yaml"
     config.write_text("tune:\n  report_samples: 100\n  report_every: 4\n  perturbation_interval: 8\n" + EVAL_SMALL)
     result = subprocess.run([EXE, "tune", "--model", "dcgan", "--scheduler", "pbt", "--config", str(config),
-                             "--space", str(space), "--samples", "2", "--max-concurrent", "2",
+                             "--space", str(space), "--samples", "2", "--max-concurrent", "1",
                              "--workers-per-trial", "1", "--max-steps", "16", "--data", small_mnist,
                              "--runs-dir", str(tmp_path / "runs"), "--name", "pbt-tuned", "--experiment", "pbt-sweep",
                              *TINY], env=_env(mlflow_server), capture_output=True, text=True, timeout=900)
