@@ -37,14 +37,19 @@ def test_asha_sweep_tracks_trials_stops_a_bad_one_and_registers_the_best(small_m
     config = tmp_path / "tune.yaml"
     config.write_text("tune:\n  report_samples: 200\n  report_every: 4\neval:\n  num_samples: 1000\n"
                       "  kid_subset_size: 200\n  inception: false\n")
+    # typed as a user would, from a fresh working directory: the default relative --runs-dir and a relative --data
+    # (trials are Ray actors with their own working directories: they must get the paths the driver resolved;
+    # a default `tune` once failed in every trial that way)
+    work = tmp_path / "work"
+    work.mkdir()
     result = subprocess.run([EXE, "tune", "--model", "cgan", "--config", str(config), "--space", str(space),
                              "--samples", "1", "--max-concurrent", "1", "--workers-per-trial", "1",
-                             "--max-steps", str(STEPS), "--data", small_mnist, "--runs-dir", str(tmp_path / "runs"),
+                             "--max-steps", str(STEPS), "--data", os.path.relpath(small_mnist, work),
                              "--name", "tuned", "--experiment", "asha-sweep", *TINY], env=_env(mlflow_server),
-                            capture_output=True, text=True,
-                            timeout=900)
+                            cwd=work, capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
+    assert len({c.parent for c in (work / "gan-runs" / "checkpoints").glob("tune-cgan-*/trial_*/checkpoint_*")}) == 4
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_server)
@@ -118,19 +123,3 @@ def test_run_interrupted_in_train_resumes_instead_of_starting_over(small_mnist, 
     again = subprocess.run(cmd, env=_env(mlflow_server), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
     assert again.stdout.count("done earlier with the same inputs, skipped") == 4
-
-
-def test_tune_with_default_runs_dir_from_a_fresh_working_directory(small_mnist, tmp_path, mlflow_server):
-    """The default relative --runs-dir and a relative --data: trials (Ray actors with their own working
-    directories) read the classifier cache and the dataset by the absolute paths the driver resolved."""
-    work = tmp_path / "work"
-    work.mkdir()
-    config = tmp_path / "tune.yaml"
-    config.write_text("tune:\n  report_samples: 100\n  report_every: 2\neval:\n  num_samples: 200\n"
-                      "  kid_subset_size: 100\n  inception: false\n")
-    result = subprocess.run([EXE, "tune", "--model", "dcgan", "--config", str(config), "--samples", "1",
-                             "--workers-per-trial", "1", "--max-steps", "2", "--data",
-                             os.path.relpath(small_mnist, work), "--experiment", "relative-sweep", *TINY],
-                            cwd=work, env=_env(mlflow_server), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-    assert list((work / "gan-runs" / "checkpoints").glob("tune-dcgan-*/*/checkpoint_00000002"))
