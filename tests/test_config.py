@@ -8,7 +8,7 @@ from pipelines.config import ConfigError, build_config
 
 def test_presets_fill_the_papers_defaults():
     cfg = build_config("wgan-gp")
-    assert (cfg.optim.optimizer, cfg.optim.lr_d, cfg.optim.beta1, cfg.optim.beta2) == ("adam", 1e-4, 0.5, 0.9)
+    assert (cfg.optim.optimizer, cfg.optim.lr_d, cfg.optim.beta1, cfg.optim.beta2) == ("adam", 8e-4, 0.5, 0.9)
     assert cfg.optim.gp_weight == 10.0 and cfg.optim.n_critic == 5 and not cfg.model.critic_batchnorm
     assert build_config("cgan").model.conditional is True
 
