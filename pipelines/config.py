@@ -258,6 +258,11 @@ class TuneConfig(_Strict):
                                 "time_budget x concurrent trials / samples (pipelines.tune.trial_time_budget)")
     space: Optional[dict[str, Any]] = None
 
+    @property
+    def population_based(self) -> bool:
+        """PBT and PB2: trials copy a better trial's checkpoint and values at perturbation points."""
+        return self.scheduler in ("pbt", "pb2")
+
     @field_validator("time_budget", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> Any:

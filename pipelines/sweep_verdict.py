@@ -92,7 +92,7 @@ def conclude(cfg, plan: SweepPlan, results, spec: dict, mlflow_client, seconds: 
     mlflow_client.log_text(parent_id, _csv(rows), "tune_results.csv")
     mlflow_client.log_figure(parent_id, plot_metric_vs_values(rows, list(spec), f"best_{metric}"),
                              "metric_vs_hyperparameters.png")
-    if cfg.tune.scheduler in ("pbt", "pb2"):
+    if cfg.tune.population_based:
         mlflow_client.log_figure(parent_id, plot_schedules(mlflow_client, children, list(spec)),
                                  "hyperparameter_schedules.png")
     scored = [(v, name) for name, (v, _, _) in best_reports.items() if _finite(v)]

@@ -141,7 +141,7 @@ def check_request(cfg: PipelineConfig, spec: dict[str, dict], concurrent: int) -
         raise ConfigError(f"--workers-per-trial {per_trial} needs {per_trial} CPUs per trial; this machine has "
                           f"{os.cpu_count()}. Use --workers-per-trial {os.cpu_count() or 1} or join a cluster "
                           f"(--address).")
-    if t.scheduler in ("pbt", "pb2"):
+    if t.population_based:
         if t.search != "random":
             raise ConfigError(f"--scheduler {t.scheduler} explores by mutating its trials' values itself; it does "
                               f"not take --search {t.search}. Use --search random (the initial population).")
@@ -191,7 +191,7 @@ def tune_checkpoints_to_keep(cfg: PipelineConfig) -> int:
     a whole interval on (measured: the donor was 8 reports on, its checkpoint deleted, the trial failed): a
     donor's reports of one interval, and one more, are kept."""
     keep = max(3, cfg.train.keep_checkpoints or 3)
-    if cfg.tune.scheduler in ("pbt", "pb2"):
+    if cfg.tune.population_based:
         keep = max(keep, perturbation_interval(cfg) // report_interval(cfg) + 2)
     return keep
 
@@ -428,7 +428,7 @@ def _fit(cfg: PipelineConfig, plan: SweepPlan, spec: dict, concurrent: int, mlfl
 
     per_trial = cfg.tune.workers_per_trial
     local = not cfg.train.address
-    population_based = cfg.tune.scheduler in ("pbt", "pb2")
+    population_based = cfg.tune.population_based
     # the threads the trials were given when the sweep was planned (a resumed sweep keeps them)
     cpus = per_trial * TrainConfig.model_validate(plan.base_config["train"]).cpus_per_worker
     storage = storage_root(cfg)
