@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-import click
+# before the imports that take seconds (torch): `run`'s 10 minutes count from here
+COMMAND_STARTED = time.time()
 
-from pipelines.config import ConfigError, PipelineConfig, build_config
-from pipelines.guard import GuardedGroup
+import click  # noqa: E402
+
+from pipelines.config import ConfigError, PipelineConfig, build_config  # noqa: E402
+from pipelines.guard import GuardedGroup  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,8 @@ TRAIN_OPTS = [
     Opt("train.gpu", ("--gpu",), None, "one GPU per worker (NCCL)", is_flag=True),
     Opt("train.address", ("--address",), str, "Ray cluster to join (auto, ray://host:10001); default local"),
     Opt("train.time_budget", ("--time-budget",), str,
-        "wall-clock training budget, e.g. 90s, 8m, 1h30m (default 7m30s unless --epochs or --max-steps is given)"),
+        "wall-clock training budget, e.g. 90s, 8m, 1h30m (default unless --epochs or --max-steps is given: 7m30s for "
+        "train; for run, until 8m45s after the command started, so that it ends within 10 minutes)"),
     Opt("train.epochs", ("--epochs",), int, "epochs of the train split"),
     Opt("train.max_steps", ("--max-steps",), int, "generator steps (wins over --epochs)"),
     Opt("train.batch_size", ("--batch-size",), int, "global batch size, split evenly across the workers"),
@@ -266,7 +271,7 @@ def run(cfg: PipelineConfig, promote: bool, dry_run: bool, run_name: Optional[st
         return
     from pipelines.run import run_stage
 
-    run_stage(cfg, run_name=run_name)
+    run_stage(cfg, run_name=run_name, started=COMMAND_STARTED)
 
 
 # in `tune`, --time-budget is the whole sweep's (tune.time_budget); a trial's own comes from it

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from pipelines import progress
-from pipelines.config import PipelineConfig
+from pipelines.config import RUN_MIN_TRAINING, RUN_TRAINING_ENDS_AFTER, PipelineConfig
 from pipelines.errors import UserError
 from pipelines.files import atomic_write
 
@@ -42,16 +42,34 @@ def _train(cfg: PipelineConfig, upstream: dict, wf: "Workflow") -> dict:
 
     cfg = cfg.model_copy(deep=True)
     cfg.data.path = upstream["prepare"]["data_path"]
+    deadline = None
+    if cfg.train.default_limits:
+        deadline = training_deadline(wf.started, time.time())
+        # the budget is the whole window (what a resumed run has left is counted against it); the deadline ends it
+        cfg.train.time_budget = RUN_TRAINING_ENDS_AFTER
+        until = time.strftime('%H:%M:%S', time.localtime(deadline))
+        if deadline > wf.started + RUN_TRAINING_ENDS_AFTER:
+            print(f"[gan-pipeline] start-up took {time.time() - wf.started:.0f}s: training until {until} "
+                  f"({RUN_MIN_TRAINING:.0f}s at least), so this run ends after its usual 10 minutes")
+        else:
+            print(f"[gan-pipeline] training until {until}, so that the whole run ends within 10 minutes "
+                  f"(--time-budget, --epochs or --max-steps to choose)")
     started = wf.state.get("train_started")
     if started and started["inputs"] == wf.inputs_hash("train"):
-        result = train_stage(cfg, resume=started["run_name"])
+        result = train_stage(cfg, resume=started["run_name"], deadline=deadline)
     else:
         run_name = f"{wf.name}-train-{time.strftime('%Y%m%d-%H%M%S')}"
         wf.state["train_started"] = {"run_name": run_name, "inputs": wf.inputs_hash("train")}
         wf.save()
-        result = train_stage(cfg, run_name=run_name)
+        result = train_stage(cfg, run_name=run_name, deadline=deadline)
     return {"run_id": result.run_id, "run_name": result.run_name, "steps": result.steps,
             "checkpoint_dir": result.checkpoint_dir}
+
+
+def training_deadline(command_started: float, now: float) -> float:
+    """When ``run``'s training ends with the default limits (seconds since the epoch): RUN_TRAINING_ENDS_AFTER
+    after the command started, but no sooner than RUN_MIN_TRAINING from ``now``."""
+    return max(command_started + RUN_TRAINING_ENDS_AFTER, now + RUN_MIN_TRAINING)
 
 
 def _evaluate(cfg: PipelineConfig, upstream: dict, wf: "Workflow") -> dict:
@@ -88,10 +106,11 @@ STAGES: tuple[Stage, ...] = (
 
 
 class Workflow:
-    def __init__(self, cfg: PipelineConfig, name: str):
+    def __init__(self, cfg: PipelineConfig, name: str, started: Optional[float] = None):
         from pipelines.safety import check_name
 
         self.cfg, self.name = cfg, check_name(name, "--run-name")
+        self.started = started if started is not None else time.time()
         self.directory = Path(cfg.runs_dir) / "pipelines" / name
         self.path = self.directory / "state.json"
         try:
@@ -126,13 +145,14 @@ def default_name(cfg: PipelineConfig) -> str:
     return f"{cfg.data.dataset}-{cfg.model.name}-{digest}"
 
 
-def run_stage(cfg: PipelineConfig, run_name: Optional[str] = None) -> dict:
+def run_stage(cfg: PipelineConfig, run_name: Optional[str] = None, started: Optional[float] = None) -> dict:
+    """``started`` (seconds since the epoch): when the command started, for the default training deadline."""
     from pipelines import tracking
     from pipelines.preflight import check_local_size
 
     check_local_size(cfg)
     tracking.check_reachable(cfg.resolved_tracking_uri)
-    wf = Workflow(cfg, run_name or default_name(cfg))
+    wf = Workflow(cfg, run_name or default_name(cfg), started=started)
     print(f"[gan-pipeline] workflow {wf.name} (state: {wf.path})")
     upstream: dict[str, dict] = {}
     report: list[tuple[str, str, float]] = []

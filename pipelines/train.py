@@ -77,7 +77,8 @@ def _new_run(cfg: PipelineConfig, mlflow_client, run_name: str, data_path: str, 
 
 
 def train_stage(cfg: PipelineConfig, run_name: Optional[str] = None, resume: Optional[str] = None,
-                console_print: Callable[[str], None] = print) -> TrainResult:
+                console_print: Callable[[str], None] = print, deadline: Optional[float] = None) -> TrainResult:
+    """``deadline`` (seconds since the epoch): the time budget ends there at the latest (``run``'s promise)."""
     from pipelines import preflight
 
     preflight.check_local_size(cfg)
@@ -118,12 +119,12 @@ def train_stage(cfg: PipelineConfig, run_name: Optional[str] = None, resume: Opt
         console_print(f"[gan-pipeline] training {run_name}: {cfg.model.name} on {manifest['dataset']} "
                       f"with {cfg.train.workers} worker(s); MLflow run {run_id}")
     return run_training(cfg, mlflow_client, uri, run_name, run_id, data_path, manifest, console_print,
-                        resume_from=latest if resume else None)
+                        resume_from=latest if resume else None, deadline=deadline)
 
 
 def run_training(cfg: PipelineConfig, mlflow_client, uri: str, run_name: str, run_id: str, data_path: str,
                  manifest: dict, console_print: Callable[[str], None] = print,
-                 resume_from: Optional[Path] = None) -> TrainResult:
+                 resume_from: Optional[Path] = None, deadline: Optional[float] = None) -> TrainResult:
     import mlflow
 
     start = time.perf_counter()
@@ -139,7 +140,7 @@ def run_training(cfg: PipelineConfig, mlflow_client, uri: str, run_name: str, ru
             board = progress.create_board()
             job = make_job(cfg, data_path=data_path, run_id=run_id, tracking_uri=uri,
                            resume_from=str(resume_from) if resume_from else None, score_reference=reference,
-                           progress_board=board)
+                           progress_board=board, deadline=deadline)
             trainer = build_trainer(cfg, job, run_name=run_name)
             view = progress.view_for_console("train",
                                              print_fn=None if console_print is print else console_print)

@@ -171,6 +171,33 @@ def test_time_budget_is_the_default_limit_unless_epochs_or_steps_are_given():
         build_config("wgan", overrides={"train": {"time_budget": "soon"}})
 
 
+def test_run_trains_until_a_fixed_time_after_the_command_started(monkeypatch, tmp_path):
+    """`run`'s promise is end to end: start-up (a first run's classifier, Ray) comes out of training, not on top."""
+    from pipelines import run as run_module
+    from pipelines.config import RUN_MIN_TRAINING, RUN_TRAINING_ENDS_AFTER
+
+    calls = []
+    monkeypatch.setattr("pipelines.train.train_stage", lambda cfg, **kw: calls.append((cfg, kw)) or SimpleNamespace(
+        run_id="r", run_name=kw.get("run_name") or kw.get("resume"), steps=1, checkpoint_dir="c"))
+    cfg = build_config("wgan").model_copy(update={"runs_dir": str(tmp_path)})
+    started = 1_000.0
+    monkeypatch.setattr(run_module.time, "time", lambda: started + 70)  # 70 s of start-up
+    wf = run_module.Workflow(cfg, "w", started=started)
+    run_module._train(cfg, {"prepare": {"data_path": "d"}}, wf)
+    trained, kw = calls[-1]
+    assert kw["deadline"] == started + RUN_TRAINING_ENDS_AFTER
+    assert trained.train.time_budget == RUN_TRAINING_ENDS_AFTER, "the budget grows to the window; the deadline ends it"
+    assert cfg.train.time_budget is None, "the workflow's own config (its inputs hash) is untouched"
+
+    monkeypatch.setattr(run_module.time, "time", lambda: started + 500)  # a slow first prepare
+    run_module._train(cfg, {"prepare": {"data_path": "d"}}, run_module.Workflow(cfg, "w2", started=started))
+    assert calls[-1][1]["deadline"] == started + 500 + RUN_MIN_TRAINING
+
+    limited = build_config("wgan", overrides={"train": {"max_steps": 10}}).model_copy(update={"runs_dir": str(tmp_path)})
+    run_module._train(limited, {"prepare": {"data_path": "d"}}, run_module.Workflow(limited, "w3", started=started))
+    assert calls[-1][1]["deadline"] is None and calls[-1][0].train.time_budget is None
+
+
 def test_batch_is_global_and_split_across_workers():
     cfg = build_config("wgan", overrides={"train": {"workers": 4}})
     assert cfg.train.batch_size == 64 and cfg.train.batch_per_worker() == 16
