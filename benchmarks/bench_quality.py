@@ -1,7 +1,7 @@
 """Quality by default: every preset x worker count through the real `gan-pipeline run` (prepare -> train -> evaluate
 -> register) with its default time budget, scored by the pipeline's own evaluate (10k generated vs 10k held-out).
 
-    python benchmarks/bench_quality.py [--presets wgan,dcgan,wgan-gp,cgan] [--workers 1,4] [--time-budget 7m30s]
+    python benchmarks/bench_quality.py [--presets wgan,dcgan,wgan-gp,cgan] [--workers 1,4] [--time-budget 8m]
                                        [--epochs N] [--workdir DIR] [--run-options "--code-categories 10"]
 
 Prints one row per run (wall time end to end, generator steps, domain FD, precision, recall, label accuracy for

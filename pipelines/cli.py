@@ -76,7 +76,7 @@ TRAIN_OPTS = [
     Opt("train.address", ("--address",), str, "Ray cluster to join (auto, ray://host:10001); default local"),
     Opt("train.time_budget", ("--time-budget",), str,
         "wall-clock training budget, e.g. 90s, 8m, 1h30m (default unless --epochs or --max-steps is given: 7m30s for "
-        "train; for run, until 8m45s after the command started, so that it ends within 10 minutes)"),
+        "train; for run, until 8m30s after the command started, so that it ends within 10 minutes)"),
     Opt("train.epochs", ("--epochs",), int, "epochs of the train split"),
     Opt("train.max_steps", ("--max-steps",), int, "generator steps (wins over --epochs)"),
     Opt("train.batch_size", ("--batch-size",), int, "global batch size, split evenly across the workers"),
