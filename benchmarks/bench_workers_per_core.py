@@ -1,7 +1,7 @@
 """More data-parallel workers than cores: what `--workers 4` on a 2-core laptop costs, without Ray around it.
 
 Runs the pipeline's training step (``build_training_gan`` + ``gan_models.train_step``, DDP over gloo, the preset's
-global batch split evenly, ``torch.set_num_threads(max(1, cores // workers))`` as ``pipelines.loop`` sets it) in
+global batch split evenly, ``pipelines.loop``'s DDP options and threads per process) in
 1, 2 and 4 processes on this machine, side by side in one run (the counts in turn, ``--rounds`` times: a shared
 machine's speed drifts), and prints each count's median generator steps per second and its ratio to 1 process; then the latency of one gloo all-reduce of the critic's gradients at each count. A
 WGAN step all-reduces 6 times (5 critic updates, 1 generator update), so on an oversubscribed machine the latency,
@@ -28,16 +28,17 @@ def _worker(rank: int, world: int, model: str, steps: int, port: int, results) -
 
     from gan_models import train_step
     from pipelines.config import build_config
-    from pipelines.loop import build_training_gan
+    from pipelines.job import cores_per_process
+    from pipelines.loop import build_training_gan, ddp_options
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(cores_per_process(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = build_config(model, overrides={"train": {"workers": world}})
     gan = build_training_gan(cfg, {"resolution": 28, "channels": 1, "class_names": [str(i) for i in range(10)]})
-    if world > 1:  # as pipelines.loop.wrap_ddp: no buffer broadcast at forward
-        gan.generator = DistributedDataParallel(gan.generator, forward_sync_buffers=False)
-        gan.discriminator = DistributedDataParallel(gan.discriminator, forward_sync_buffers=False)
+    if world > 1:  # as pipelines.loop.wrap_ddp, without Ray Train's prepare_model around it
+        gan.generator = DistributedDataParallel(gan.generator, **ddp_options())
+        gan.discriminator = DistributedDataParallel(gan.discriminator, **ddp_options())
     batch = cfg.train.batch_per_worker()
     noise = torch.Generator().manual_seed(rank)
     pool = [(torch.rand(batch, 1, 28, 28, generator=noise) * 2 - 1, torch.randint(0, 10, (batch,), generator=noise))
@@ -88,6 +89,7 @@ def main() -> None:
     import statistics
 
     from gan_models.performance import machine_info
+    from pipelines.job import cores_per_process
 
     counts = [int(w) for w in args.workers.split(",")]
     print("machine:", machine_info())
@@ -101,8 +103,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     for world, measured in runs.items():
         rates = [rate for rate, _ in measured]
-        threads = max(1, (os.cpu_count() or 1) // world)
-        print(f"| {world} | {threads} | {statistics.median(rates):.2f} ({min(rates):.2f}..{max(rates):.2f}) | "
+        print(f"| {world} | {cores_per_process(world)} | {statistics.median(rates):.2f} ({min(rates):.2f}..{max(rates):.2f}) | "
               f"{statistics.median(rates) / base:.2f} | {statistics.median(l for _, l in measured) * 1e3:.1f} ms |")
     print(f"\nreproduce: python benchmarks/bench_workers_per_core.py --model {args.model} --workers {args.workers} "
           f"--steps {args.steps} --rounds {args.rounds}")

@@ -15,6 +15,11 @@ from pipelines.files import absolute_path
 SQLITE_PREFIX = "sqlite:///"
 
 
+def cores_per_process(processes: int) -> int:
+    """Torch threads for each of ``processes`` training processes sharing this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // processes)
+
+
 def absolute_tracking_uri(uri: str) -> str:
     """``sqlite:///mlflow.db`` names a file relative to the working directory: made absolute. Servers kept."""
     if uri.startswith(SQLITE_PREFIX) and not uri[len(SQLITE_PREFIX):].startswith("/"):

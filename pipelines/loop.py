@@ -21,7 +21,7 @@ from pipelines import checkpoint_models, checkpoints, tracking
 from pipelines.config import PipelineConfig, config_from_dict
 from pipelines.faults import fault_hooks_from_env
 from pipelines.hooks import GeneratorAverage, Hook, LearningRateDecay, LoopState, StopTraining, TimeBudget, default_hooks
-from pipelines.job import TrainJob
+from pipelines.job import TrainJob, cores_per_process
 from pipelines.progress import WorkerConsole
 from pipelines.training_metrics import EPOCH, IMAGES_PER_SECOND, REPLICA_MAX_ABS_DIFF
 
@@ -131,19 +131,25 @@ def replica_spread(*modules: torch.nn.Module) -> float:
     return float(spread.item())
 
 
-def wrap_ddp(gan: GAN) -> None:
-    """G and D (and the auxiliary classifier) are wrapped separately. No buffer sync at forward: D runs
-    forward on real and fake before one backward; broadcasting batch-norm buffers at the second forward
-    modifies in place what the first one saved for backward. (Buffers are still synced once at init.)"""
+def ddp_options() -> dict:
+    """``DistributedDataParallel`` keyword arguments of every wrapped network: no buffer sync at forward. D runs
+    forward on real and fake before one backward; broadcasting batch-norm buffers at the second forward modifies
+    in place what the first one saved for backward. (Buffers are still synced once at init.)"""
     import inspect
 
-    import ray.train.torch
     from torch.nn.parallel import DistributedDataParallel
 
     # torch >= 2.14 names it forward_sync_buffers; older releases broadcast_buffers.
     name = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
             else "broadcast_buffers")
-    kwargs = {"parallel_strategy_kwargs": {name: False}, "move_to_device": False}
+    return {name: False}
+
+
+def wrap_ddp(gan: GAN) -> None:
+    """G and D (and the auxiliary classifier) are wrapped separately, with ``ddp_options``."""
+    import ray.train.torch
+
+    kwargs = {"parallel_strategy_kwargs": ddp_options(), "move_to_device": False}
     gan.generator = ray.train.torch.prepare_model(gan.generator, **kwargs)
     gan.discriminator = ray.train.torch.prepare_model(gan.discriminator, **kwargs)
     if gan.aux_classifier is not None:
@@ -218,7 +224,7 @@ class Worker:
         t = self.cfg.train
         context = ray.train.get_context()
         rank, world = context.get_world_rank(), context.get_world_size()
-        torch.set_num_threads(job.threads or max(1, (os.cpu_count() or 1) // world))
+        torch.set_num_threads(job.threads or cores_per_process(world))
         self.device = ray.train.torch.get_device() if t.gpu else torch.device("cpu")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True

@@ -44,12 +44,13 @@ def _train(cfg: PipelineConfig, upstream: dict, wf: "Workflow") -> dict:
     cfg.data.path = upstream["prepare"]["data_path"]
     deadline = None
     if cfg.train.default_limits:
-        deadline = training_deadline(wf.started, time.time())
+        now = time.time()
+        deadline = training_deadline(wf.started, now)
         # the budget is the whole window (what a resumed run has left is counted against it); the deadline ends it
         cfg.train.time_budget = RUN_TRAINING_ENDS_AFTER
         until = time.strftime('%H:%M:%S', time.localtime(deadline))
         if deadline > wf.started + RUN_TRAINING_ENDS_AFTER:
-            print(f"[gan-pipeline] start-up took {time.time() - wf.started:.0f}s: training until {until} "
+            print(f"[gan-pipeline] start-up took {now - wf.started:.0f}s: training until {until} "
                   f"({RUN_MIN_TRAINING:.0f}s at least), so this run ends after its usual 10 minutes")
         else:
             print(f"[gan-pipeline] training until {until}, so that the whole run ends within 10 minutes "

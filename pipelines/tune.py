@@ -22,7 +22,7 @@ from typing import Any, Optional
 from pipelines import tags, tracking
 from pipelines.config import ConfigError, PipelineConfig, TrainConfig, config_from_dict, read_yaml
 from pipelines.errors import UserError
-from pipelines.job import absolute_config, absolute_tracking_uri
+from pipelines.job import absolute_config, absolute_tracking_uri, cores_per_process
 from pipelines.sweep_trial import PRESET_KEY, SweepPlan
 
 # Default search spaces per family: (section.key) -> distribution spec. Specs are plain data so that a YAML
@@ -230,7 +230,7 @@ def trial_threads(cfg: PipelineConfig, concurrent: int) -> Optional[int]:
     know the nodes' cores: None keeps the worker's own rule."""
     if cfg.train.threads_per_worker or cfg.train.address:
         return cfg.train.threads_per_worker
-    return max(1, (os.cpu_count() or 1) // (concurrent * cfg.tune.workers_per_trial))
+    return cores_per_process(concurrent * cfg.tune.workers_per_trial)
 
 
 def _new_sweep(cfg: PipelineConfig, space_file: Optional[str], created) -> dict:
