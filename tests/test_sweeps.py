@@ -215,7 +215,7 @@ def test_an_exploiting_trial_trains_from_its_own_copy_of_the_donors_checkpoint(t
 @pytest.mark.integration
 @pytest.mark.timeout(900)  # the first test of a session also trains the domain classifier (minutes on a busy machine)
 def test_pbt_exploit_continues_from_the_donors_checkpoint_and_records_lineage(small_mnist, tmp_path, mlflow_server):
-    # trial 0 is the preset (Adam 2e-4: learns); trial 1 draws a destructive lr in [0.3, 0.5]: PBT copies the
+    # trial 0 is the preset (Adam 8e-4: learns); trial 1 draws a destructive lr in [0.3, 0.5]: PBT copies the
     # preset's checkpoint into it at the perturbation point (step 8; synchronous PBT: both trials wait there).
     # One trial at a time for a population of two, as on a laptop (4 samples, 2 at a time by default): PBT pauses
     # trial 0 at step 8 and runs trial 1 up to it (pipelines.tune.TRIAL_SLOT), or nothing is ever exploited.
