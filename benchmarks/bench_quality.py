@@ -8,8 +8,8 @@ Prints one row per run (wall time end to end, generator steps, domain FD, precis
 conditional models), the machine, and the command to reproduce. The domain classifier is trained by the first run
 and shared by the others (GAN_PIPELINE_CLASSIFIER_CACHE), as it is for repeated runs in one runs dir; the first
 row's wall time includes its training. With ``--epochs N`` every run trains the same epochs instead of a time
-budget: the distributed-quality check (``--workers 4`` within 10% of ``--workers 1`` on domain FD). The table of
-levers tried to get here (docs/quality.md) is printed after the results. ``--run-options`` passes more options to
+budget: the distributed-quality check (``--workers 4`` within 10% of ``--workers 1`` on domain FD). The tables of
+levers kept and tried (docs/quality.md) are printed after the results. ``--run-options`` passes more options to
 every `gan-pipeline run` (a lever against the defaults: run the benchmark twice, with and without).
 """
 from __future__ import annotations
@@ -96,9 +96,12 @@ def main() -> None:
         for r in many if one else []:
             print(f"{preset}: domain FD with {r['workers']} workers / 1 worker = {r['domain_fd'] / one['domain_fd']:.2f}"
                   f" (target <= 1.10{', equal epochs' if args.epochs else ', equal wall time'})")
-    levers = (ROOT / "docs" / "quality.md").read_text().split("## Levers tried", 1)
-    if len(levers) == 2:
-        print("\nLevers tried (docs/quality.md)" + levers[1].split("\n## ", 1)[0].rstrip())
+    # the levers kept (each with the measurement behind it), then the lab's table of levers tried
+    doc = (ROOT / "docs" / "quality.md").read_text()
+    for heading, title in (("## What a run does by default now", "Levers kept"), ("## Levers tried", "Levers tried")):
+        parts = doc.split(heading, 1)
+        if len(parts) == 2:
+            print(f"\n{title} (docs/quality.md)" + parts[1].split("\n## ", 1)[0].rstrip())
     print(f"\nreproduce: python benchmarks/bench_quality.py --presets {args.presets} --workers {args.workers}"
           + (f" --time-budget {args.time_budget}" if args.time_budget else "")
           + (f" --epochs {args.epochs}" if args.epochs else "")
