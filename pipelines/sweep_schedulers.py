@@ -31,7 +31,10 @@ class _SynchNeverStuck:
     first (an error, or its time budget spent) never reports there, and the others wait, paused, for ever
     (measured: a 20-minute sweep hung with three trials PAUSED after the fourth failed). When a trial ends and
     every other live trial waits at the point, one waiting trial's last result is replayed: Ray's own decision
-    runs with the trials that are there."""
+    runs with the trials that are there. Where that result was the one Ray already decided on (a trial's reports
+    can skip a point: the one that ended went from before it straight to its last step), the replay changes
+    nothing, and the point moves on one interval past the waiting trials (measured: a two-trial sweep hung, one
+    trial TERMINATED at step 16, the other PAUSED at 12 for ever)."""
 
     def on_trial_error(self, tune_controller, trial):
         super().on_trial_error(tune_controller, trial)
@@ -49,6 +52,8 @@ class _SynchNeverStuck:
         if rest and all(s is not None and s.last_result is not None
                         and s.last_train_time >= self._next_perturbation_sync for s in states):
             self.on_trial_result(tune_controller, rest[0], states[0].last_result)
+            if all(s.last_train_time >= self._next_perturbation_sync for s in states):
+                self._next_perturbation_sync = max(s.last_train_time for s in states) + self._perturbation_interval
 
 
 class ASHAKeepingPreset(_PresetKept, ASHAScheduler):
