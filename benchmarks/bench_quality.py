@@ -5,12 +5,13 @@
                                        [--epochs N] [--workdir DIR] [--run-options "--code-categories 10"]
 
 Prints one row per run (wall time end to end, generator steps, domain FD, precision, recall, label accuracy for
-conditional models), the machine, and the command to reproduce. The domain classifier is trained by the first run
-and shared by the others (GAN_PIPELINE_CLASSIFIER_CACHE), as it is for repeated runs in one runs dir; the first
-row's wall time includes its training. With ``--epochs N`` every run trains the same epochs instead of a time
-budget: the distributed-quality check (``--workers 4`` within 10% of ``--workers 1`` on domain FD). The tables of
-levers kept and tried (docs/quality.md) are printed after the results. ``--run-options`` passes more options to
-every `gan-pipeline run` (a lever against the defaults: run the benchmark twice, with and without).
+conditional models, code purity for InfoGAN-coded ones), the machine, and the command to reproduce. The domain
+classifier is trained by the first run and shared by the others (GAN_PIPELINE_CLASSIFIER_CACHE), as it is for
+repeated runs in one runs dir; the first row's wall time includes its training. With ``--epochs N`` every run trains
+the same epochs instead of a time budget: the distributed-quality check (``--workers 4`` within 10% of
+``--workers 1`` on domain FD). The tables of levers kept and tried (docs/quality.md) are printed after the results.
+``--run-options`` passes more options to every `gan-pipeline run` (a lever against the defaults: run the benchmark
+twice, with and without).
 """
 from __future__ import annotations
 
@@ -79,15 +80,17 @@ def main() -> None:
             rows.append(row)
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                               if k in ("preset", "workers", "wall_s", "steps", "domain_fd", "precision", "recall",
-                                       "label_accuracy", "error")}), flush=True)
-    print("\n| preset | workers | wall (end to end) | steps | domain FD | precision | recall | label acc | targets |")
+                                       "label_accuracy", "code_purity", "error")}), flush=True)
+    print("\n| preset | workers | wall (end to end) | steps | domain FD | precision | recall "
+          "| label acc (code purity) | targets |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:
             print(f"| {r['preset']} | {r['workers']} | {r['wall_s']:.0f} s | failed: {r['error'][:80]} | | | | | |")
             continue
         met = all((r[k] <= v) if k == "domain_fd" else (r.get(k, 0.0) >= v) for k, v in TARGETS[r["preset"]].items())
-        label = f"{r['label_accuracy']:.3f}" if "label_accuracy" in r else "-"
+        label = (f"{r['label_accuracy']:.3f}" if "label_accuracy" in r
+                 else f"({r['code_purity']:.2f})" if "code_purity" in r else "-")
         print(f"| {r['preset']} | {r['workers']} | {r['wall_s'] // 60:.0f} min {r['wall_s'] % 60:.0f} s | {r['steps']} | "
               f"{r['domain_fd']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {label} | {'met' if met else 'missed'} |")
     by_key = {(r["preset"], r["workers"]): r for r in rows if "error" not in r}

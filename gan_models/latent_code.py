@@ -10,6 +10,8 @@ every reason to give each category a mode of its own. No labels are used: the ca
   so a generator keeps its ``z -> image`` signature: sampling, evaluation and registered models need no extra
   input, and the same z always gives the same image.                         -> ``latent_code`` / ``code_input``
 - G sees ``[z, onehot(c)]``, as a conditional G sees ``[z, onehot(y)]``.    -> ``Generator`` (networks.py)
+- A chosen category for the same noise: the largest of the first K entries swapped into place k, which keeps
+  z's distribution given c = k (evaluate's code grid, a row per category).     -> ``with_category``
 - Q is its own small label-blind network (like the AC-GAN classifier, not a head on the critic: a WGAN critic's
   weights are clipped, and Q's are not). It learns c from G's samples in the critic phase; G is scored by it, with
   Q frozen, in the generator phase.                                          -> ``gan_models.step``
@@ -35,3 +37,15 @@ def latent_code(z: torch.Tensor, categories: int) -> torch.Tensor:
 def code_input(z: torch.Tensor, categories: int) -> torch.Tensor:
     """``[z, onehot(c)]``: the noise with its category made explicit."""
     return torch.cat([z, F.one_hot(latent_code(z, categories), categories).to(z.dtype)], dim=1)
+
+
+def with_category(z: torch.Tensor, categories: int, k: int) -> torch.Tensor:
+    """``z`` with every row's category set to ``k``: its largest first-``categories`` entry and entry ``k`` swap."""
+    check_room(z.shape[1], categories)
+    if not 0 <= k < categories:
+        raise ValueError(f"category {k} is outside 0..{categories - 1}")
+    z = z.clone()
+    rows = torch.arange(z.shape[0])
+    top = latent_code(z, categories)
+    z[rows, top], z[rows, k] = z[rows, k], z[rows, top].clone()
+    return z

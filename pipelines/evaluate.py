@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from gan_models.latent_code import latent_code, with_category
 from gan_models.sampling import evaluation_inputs, generate, image_grid, save_png, to_uint8
 from pipelines import checkpoints, tags, tracking
 from pipelines.config import PipelineConfig
@@ -139,8 +140,9 @@ def evaluate_stage(cfg: PipelineConfig, run_id: Optional[str] = None, checkpoint
     fake = generate(generator, z, labels, batch_size=cfg.eval.batch_size)
     real_x, real_y = load_split(data_path, "heldout", limit=n, seed=cfg.eval.seed)
     cache: dict = {}
+    codes = latent_code(z, spec.code_categories) if spec.code_categories else None
     metrics = compute_metrics(to_uint8(fake), labels, real_x, real_y, classifier, cfg.eval, spec.conditional,
-                              spec.num_classes, cache=cache)
+                              spec.num_classes, cache=cache, generated_codes=codes)
     floor = _real_floor(cfg, data_path, manifest, classifier, real_x, real_y, spec, cache, real_floor)
     metrics.update({f"real_floor_{k}": v for k, v in floor.items() if k in ("domain_fd", "precision", "recall",
                                                                              "density", "coverage", "class_kl")})
@@ -189,11 +191,19 @@ def _write_outputs(out_dir: Path, metrics: dict, fake: torch.Tensor, spec, gener
         z = torch.randn(per_class, spec.nz, generator=torch.Generator().manual_seed(7)).repeat(spec.num_classes, 1)
         labels = torch.arange(spec.num_classes).repeat_interleave(per_class)
         save_png(image_grid(generate(generator, z, labels), nrow=per_class), out_dir / "class_grid.png")
+    if spec.code_categories:
+        # a row per InfoGAN category, the same ten noise vectors in every row: what each category came to mean
+        per_code = 10
+        z = torch.randn(per_code, spec.nz, generator=torch.Generator().manual_seed(7))
+        z = torch.cat([with_category(z, spec.code_categories, k) for k in range(spec.code_categories)])
+        save_png(image_grid(generate(generator, z, None), nrow=per_code), out_dir / "code_grid.png")
 
 
 def _log(mlflow_client, run_id: str, metrics: dict, out_dir: Path, cfg: PipelineConfig, model_uri, classifier,
          data_path: str, manifest: dict, created=lambda client, run_id: None) -> None:
     from mlflow.entities import Metric
+
+    from pipelines import safety
 
     now = int(time.time() * 1000)
     target = run_id
@@ -214,7 +224,7 @@ def _log(mlflow_client, run_id: str, metrics: dict, out_dir: Path, cfg: Pipeline
         mlflow_client.set_tag(target, key, value)
     # on a training run that already lists this dataset (as training data) MLflow keeps the first record
     tracking.log_dataset_input(mlflow_client, target, data_path, manifest, tracking.DATASET_EVALUATION)
-    for name in ("metrics.json", "samples.png", "class_grid.png"):
+    for name in safety.EVALUATION_FILES:
         if (out_dir / name).exists():
             mlflow_client.log_artifact(target, str(out_dir / name), artifact_path="evaluation")
     if model_uri:

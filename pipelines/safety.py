@@ -24,8 +24,9 @@ from pipelines.errors import BadValue
 MARKER = ".gan-pipeline"
 #: What ``<runs-dir>`` holds when gan-pipeline made it (older versions wrote no marker).
 RUNS_DIR_ENTRIES = frozenset({"data", "checkpoints", "train", "pipelines", "evaluations", "classifiers", MARKER})
-#: What ``evaluate --out`` writes.
-EVALUATION_ENTRIES = frozenset({"metrics.json", "samples.png", "class_grid.png", ".metrics.json.tmp", MARKER})
+#: What ``evaluate --out`` writes (and logs, in this order).
+EVALUATION_FILES = ("metrics.json", "samples.png", "class_grid.png", "code_grid.png")
+EVALUATION_ENTRIES = frozenset({*EVALUATION_FILES, ".metrics.json.tmp", MARKER})
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 NAME_RULE = "1-128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit, no '..'"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gan_models import GANSpec, build_gan, train_step
-from gan_models.latent_code import code_input, latent_code
+from gan_models.latent_code import code_input, latent_code, with_category
 from gan_models.step import build_generator, generator_phase
 from pipelines.config import ConfigError, build_config
 from tests.helpers import constant_batches
@@ -26,6 +26,19 @@ def test_the_code_is_a_uniform_category_read_from_the_noise():
     assert share.sub(0.25).abs().max() < 0.01
     x = code_input(z[:3], 4)
     assert x.shape == (3, 20) and torch.equal(x[:, 16:].argmax(1), codes[:3]) and torch.equal(x[:, 16:].sum(1), torch.ones(3))
+
+
+def test_with_category_sets_the_code_and_keeps_the_noise_it_had():
+    z = torch.randn(500, 16, generator=torch.Generator().manual_seed(2))
+    for k in range(4):
+        moved = with_category(z, 4, k)
+        assert torch.equal(latent_code(moved, 4), torch.full((500,), k))
+        assert torch.equal(moved[:, 4:], z[:, 4:])  # only the code's entries move, and only by a swap
+        assert torch.equal(moved[:, :4].sort(1).values, z[:, :4].sort(1).values)
+        already = latent_code(z, 4) == k
+        assert torch.equal(moved[already], z[already])
+    with pytest.raises(ValueError, match="outside 0..3"):
+        with_category(z, 4, 4)
 
 
 def test_generator_takes_noise_alone_and_its_output_follows_the_code():

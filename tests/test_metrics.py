@@ -218,6 +218,26 @@ def test_perfect_conditional_generator(mnist, clf):
     assert wrong["label_accuracy"] < 0.1
 
 
+def test_code_purity_says_how_well_the_categories_line_up_with_the_classes(mnist, clf):
+    x, y = mnist["xte"][:2000], mnist["yte"][:2000]
+    predicted = clf.probs(x).argmax(1)
+    names = ["code_purity"]
+    # each category one class: as pure as the classifier is accurate; the classes' order does not matter
+    lined_up = compute_metrics(x, None, x, None, clf, CFG, False, 10, names=names, generated_codes=(y * 3 + 1) % 10)
+    assert lined_up["code_purity"] == pytest.approx(float((predicted == y).float().mean()), abs=0.01)
+    assert lined_up["code_purity"] > 0.95 and lined_up["code_majority_classes"] == 10
+    # two classes per category (a coarser code), then categories blind to the class
+    paired = compute_metrics(x, None, x, None, clf, CFG, False, 10, names=names, generated_codes=y // 2)
+    assert 0.4 < paired["code_purity"] < 0.6 and paired["code_majority_classes"] == 5
+    blind = compute_metrics(x, None, x, None, clf, CFG, False, 10, names=names,
+                            generated_codes=torch.randint(0, 10, (2000,), generator=torch.Generator().manual_seed(0)))
+    assert blind["code_purity"] < 0.25
+    # the default set has it only for a coded generator
+    assert "code_purity" in compute_metrics(x[:600], None, x[:600], None, clf, CFG, False, 10,
+                                            generated_codes=y[:600] % 10)
+    assert "code_purity" not in compute_metrics(x[:600], None, x[:600], None, clf, CFG, False, 10)
+
+
 def test_compute_metrics_guards(mnist, clf):
     x = mnist["xte"]
     with pytest.raises(ValueError, match="eval.kid_subset_size"):
@@ -228,6 +248,8 @@ def test_compute_metrics_guards(mnist, clf):
         compute_metrics(x[:600], None, x[:600], None, clf, CFG, False, 10, names=["label_accuracy"])
     with pytest.raises(ValueError, match="unknown metric"):
         compute_metrics(x[:600], None, x[:600], None, clf, CFG, False, 10, names=["fid50k"])
+    with pytest.raises(ValueError, match="code_categories"):
+        compute_metrics(x[:600], None, x[:600], None, clf, CFG, False, 10, names=["code_purity"])
 
 
 def test_directions():

@@ -120,6 +120,9 @@ def test_run_interrupted_in_train_resumes_instead_of_starting_over(small_mnist, 
     steps = [m.step for m in client.get_metric_history(run_id, "g_loss")]
     assert sorted(steps) == list(range(2, 25, 2)), "one MLflow run, no duplicated or missing steps"
     assert "domain_fd" in client.get_run(run_id).data.metrics
+    # dcgan's InfoGAN code: how well its categories line up with the digits, and a row per category to look at
+    assert 0.0 < client.get_run(run_id).data.metrics["code_purity"] <= 1.0
+    assert "evaluation/code_grid.png" in {a.path for a in client.list_artifacts(run_id, "evaluation")}
 
     # the same command once more: everything is done, nothing runs again
     again = subprocess.run(cmd, env=_env(mlflow_server), capture_output=True, text=True, timeout=300)

@@ -3,6 +3,8 @@
 - classifier score: the Inception-score analogue ``exp(E_x KL(p(y|x) || p(y)))``, in ``splits`` chunks (mean, std).
   Between 1 and ``num_classes``; higher = confident and diverse.
 - label accuracy (conditional models): how often the classifier's argmax equals the requested label.
+- code purity (InfoGAN-coded models): how well G's own categories line up with the dataset's classes; the share of
+  samples whose predicted class is the most common one of their category (1 = every category is one class).
 - class histogram KL: ``KL(real_hist || sample_hist)`` of the classifier's predicted classes, with additive
   smoothing so a dropped class gives a large finite value (mode-dropping signal; 0 = same class balance).
 """
@@ -38,6 +40,20 @@ def label_accuracy(probs_or_logits: Any, requested_labels: Any) -> float:
     if not keep.any():
         return float("nan")
     return float((p[keep].argmax(axis=1) == y[keep]).mean())
+
+
+def code_purity(probs_or_logits: Any, codes: Any) -> tuple[float, int]:
+    """(purity, how many distinct classes are some category's majority) of samples generated with ``codes``."""
+    predicted = _np(probs_or_logits).argmax(axis=1)
+    c = _np(codes, np.int64).reshape(-1)
+    if predicted.shape[0] != c.shape[0]:
+        raise ValueError(f"{predicted.shape[0]} predictions for {c.shape[0]} codes")
+    agree, majorities = 0, set()
+    for k in np.unique(c):
+        counts = np.bincount(predicted[c == k])
+        agree += int(counts.max())
+        majorities.add(int(counts.argmax()))
+    return agree / max(c.shape[0], 1), len(majorities)
 
 
 def class_histogram(predicted: Any, num_classes: int) -> np.ndarray:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 MetricFn = Callable[["MetricContext"], dict[str, float]]
 METRICS: dict[str, MetricFn] = {}
 CONDITIONAL_ONLY: set[str] = set()
+CODED_ONLY: set[str] = set()  # generators with InfoGAN's categorical code (gan_models.latent_code)
 INCEPTION_METRICS: set[str] = set()
 
 METRIC_DIRECTION: dict[str, str] = {
@@ -44,6 +45,7 @@ METRIC_DIRECTION: dict[str, str] = {
     "classifier_score": "max",
     "class_kl": "min",
     "label_accuracy": "max",
+    "code_purity": "max",
     "domain_fd_class_mean": "min",
     "inception_fd": "min",
     "inception_kid_mean": "min",
@@ -59,11 +61,13 @@ def metric_direction(name: str) -> Optional[str]:
     return None
 
 
-def register_metric(name: str, conditional_only: bool = False, uses_inception: bool = False):
+def register_metric(name: str, conditional_only: bool = False, uses_inception: bool = False, coded_only: bool = False):
     def deco(fn: MetricFn) -> MetricFn:
         METRICS[name] = fn
         if conditional_only:
             CONDITIONAL_ONLY.add(name)
+        if coded_only:
+            CODED_ONLY.add(name)
         if uses_inception:
             INCEPTION_METRICS.add(name)
         return fn
@@ -82,6 +86,7 @@ class MetricContext:
     cfg: EvalConfig
     conditional: bool
     num_classes: int
+    generated_codes: Optional[torch.Tensor] = None  # the InfoGAN category of each generated sample
     cache: dict = field(default_factory=dict)       # real-side values, shareable between calls
     _own: dict = field(default_factory=dict)        # generated-side values, this call only
     timings: dict = field(default_factory=dict)
@@ -183,6 +188,12 @@ def _label_accuracy(ctx: MetricContext) -> dict[str, float]:
     return {"label_accuracy": scores.label_accuracy(ctx.probs(False), ctx.generated_labels)}
 
 
+@register_metric("code_purity", coded_only=True)
+def _code_purity(ctx: MetricContext) -> dict[str, float]:
+    purity, classes = scores.code_purity(ctx.probs(False), ctx.generated_codes)
+    return {"code_purity": purity, "code_majority_classes": float(classes)}
+
+
 @register_metric("per_class_fd", conditional_only=True)
 def _per_class_fd(ctx: MetricContext) -> dict[str, float]:
     per = scores.per_class_frechet(ctx.features(False), ctx.generated_labels, ctx.features(True), ctx.real_labels,
@@ -214,18 +225,22 @@ DEFAULT_ORDER = tuple(METRICS)
 
 
 # ---------------------------------------------------------------------------------------------- entry points
-def resolve_names(names: Optional[list[str]], cfg: EvalConfig, conditional: bool) -> list[str]:
+def resolve_names(names: Optional[list[str]], cfg: EvalConfig, conditional: bool, coded: bool = False) -> list[str]:
     """The registry entries to run: ``names``, else ``cfg.metrics``, else every one that applies."""
     chosen = list(names) if names is not None else (list(cfg.metrics) if cfg.metrics is not None else None)
     if chosen is None:
         return [n for n in DEFAULT_ORDER
-                if (conditional or n not in CONDITIONAL_ONLY) and (cfg.inception or n not in INCEPTION_METRICS)]
+                if (conditional or n not in CONDITIONAL_ONLY) and (coded or n not in CODED_ONLY)
+                and (cfg.inception or n not in INCEPTION_METRICS)]
     unknown = [n for n in chosen if n not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown} in eval.metrics; known: {', '.join(METRICS)}")
     wrong = [n for n in chosen if n in CONDITIONAL_ONLY and not conditional]
     if wrong:
         raise ValueError(f"metric(s) {wrong} need a conditional model (model.conditional: true)")
+    wrong = [n for n in chosen if n in CODED_ONLY and not coded]
+    if wrong:
+        raise ValueError(f"metric(s) {wrong} need a generator with a latent code (model.code_categories > 1)")
     return chosen
 
 
@@ -256,25 +271,29 @@ def compute_metrics(
     names: Optional[list[str]] = None,
     cache: Optional[dict] = None,
     timings: Optional[dict] = None,
+    generated_codes: Any = None,
 ) -> dict[str, float]:
     """Every requested metric, as flat ``{name: float}``, plus ``num_generated``, ``num_real`` and
     ``classifier_heldout_accuracy``.
 
     ``generated``/``real``: uint8 N×C×H×W (map generator floats with ``to_uint8``). ``generated_labels``: the
-    requested labels of a conditional model. ``cache``: a dict kept across calls with the same ``real`` images.
-    ``timings``: filled with seconds per metric (``metric/<name>``) and per feature pass (``prep/<what>``).
+    requested labels of a conditional model. ``generated_codes``: each sample's InfoGAN category, for a coded
+    generator (``gan_models.latent_code.latent_code`` of its noise). ``cache``: a dict kept across calls with the
+    same ``real`` images. ``timings``: filled with seconds per metric (``metric/<name>``) and per feature pass
+    (``prep/<what>``).
     """
     gen = as_images(generated, "generated")
     ref = as_images(real, "real")
     gy = as_labels(generated_labels, gen.shape[0], "generated_labels")
     ry = as_labels(real_labels, ref.shape[0], "real_labels")
-    chosen = resolve_names(names, cfg, conditional)
+    codes = as_labels(generated_codes, gen.shape[0], "generated_codes")
+    chosen = resolve_names(names, cfg, conditional, coded=codes is not None)
     check_counts(gen.shape[0], ref.shape[0], cfg, chosen)
     if "label_accuracy" in chosen and gy is None:
         raise ValueError("label_accuracy needs generated_labels (the labels the samples were generated for)")
     if "per_class_fd" in chosen and (gy is None or ry is None):
         raise ValueError("per_class_fd needs generated_labels and real_labels")
-    ctx = MetricContext(gen, gy, ref, ry, classifier, cfg, conditional, num_classes,
+    ctx = MetricContext(gen, gy, ref, ry, classifier, cfg, conditional, num_classes, generated_codes=codes,
                         cache=cache if cache is not None else {})
     out: dict[str, float] = {}
     for name in chosen:
