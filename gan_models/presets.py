@@ -6,8 +6,9 @@
            ``--code-categories 0`` gives the paper's DCGAN alone. Learning rate 8e-4 instead of the paper's 2e-4
            (dcgan and cgan alike): measured through ``run`` on a 2-core fp32 CPU (docs/quality.md), cgan after 3,200
            steps reached domain FD 0.83 with 8e-4, 0.93 with 5e-4, 3.8-4.0 with 2e-4 (label accuracy 0.985 / 0.981 /
-           0.95); dcgan in the default budget 4.64 / 5.02 (two seeds) with 8e-4, 6.47 with 5e-4, 6.12 with 1.2e-3,
-           9.43 with 2e-4.
+           0.95); dcgan in the default budget 4.64 / 5.02 / 7.89 (three seeds; the spread is the code's alignment
+           with the digits, ``code_purity`` 0.61 / 0.48 / 0.32) with 8e-4, 6.47 with 5e-4, 6.12 with 1.2e-3, 9.43
+           with 2e-4.
            ``--lr-g 2e-4 --lr-d 2e-4`` (``DCGAN_PAPER_LR``) is the paper's value.
 - cgan:    Mirza & Osindero 2014 on the DCGAN body - the label enters G (with z) and D (with the image);
            plus the auxiliary class term (Odena et al. 2017) by default, see the row.
