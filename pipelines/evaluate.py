@@ -186,17 +186,16 @@ def _real_floor(cfg, data_path, manifest, classifier, real_x, real_y, spec, cach
 def _write_outputs(out_dir: Path, metrics: dict, fake: torch.Tensor, spec, generator) -> None:
     atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
     save_png(image_grid(fake[:64], nrow=8), out_dir / "samples.png")
+    # class and code grids: a row per label or category, the same ten noise vectors in every row
+    per_row = 10
+    row_z = torch.randn(per_row, spec.nz, generator=torch.Generator().manual_seed(7))
     if spec.conditional:
-        per_class = 10
-        z = torch.randn(per_class, spec.nz, generator=torch.Generator().manual_seed(7)).repeat(spec.num_classes, 1)
-        labels = torch.arange(spec.num_classes).repeat_interleave(per_class)
-        save_png(image_grid(generate(generator, z, labels), nrow=per_class), out_dir / "class_grid.png")
-    if spec.code_categories:
-        # a row per InfoGAN category, the same ten noise vectors in every row: what each category came to mean
-        per_code = 10
-        z = torch.randn(per_code, spec.nz, generator=torch.Generator().manual_seed(7))
-        z = torch.cat([with_category(z, spec.code_categories, k) for k in range(spec.code_categories)])
-        save_png(image_grid(generate(generator, z, None), nrow=per_code), out_dir / "code_grid.png")
+        labels = torch.arange(spec.num_classes).repeat_interleave(per_row)
+        grid = generate(generator, row_z.repeat(spec.num_classes, 1), labels)
+        save_png(image_grid(grid, nrow=per_row), out_dir / "class_grid.png")
+    if spec.code_categories:  # what each InfoGAN category came to mean
+        z = torch.cat([with_category(row_z, spec.code_categories, k) for k in range(spec.code_categories)])
+        save_png(image_grid(generate(generator, z, None), nrow=per_row), out_dir / "code_grid.png")
 
 
 def _log(mlflow_client, run_id: str, metrics: dict, out_dir: Path, cfg: PipelineConfig, model_uri, classifier,
