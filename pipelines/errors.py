@@ -15,6 +15,11 @@ class BadValue(UserError):
     exit_code = 2
 
 
+class MetricsRequestError(BadValue, ValueError):
+    """Metrics asked of samples or a generator that cannot give them (too few images, no condition, no code).
+    A ValueError too: the metrics are a library that callers use without the CLI."""
+
+
 class TrackingUnavailable(UserError):
     """The MLflow tracking server cannot be reached."""
 

@@ -124,7 +124,9 @@ def evaluate_stage(cfg: PipelineConfig, run_id: Optional[str] = None, checkpoint
             if not gen_dir.is_dir():
                 raise UserError(f"checkpoint {checkpoint} is not a directory")
         generator, spec, run_config = checkpoints.load_generator(gen_dir)
-    run_id = run_id or run_config.get("mlflow_run_id")
+    if not run_id and run_config.get("mlflow_run_id"):
+        run_id = run_config["mlflow_run_id"]
+        _check_training_run_is_here(mlflow_client, run_id, checkpoint, uri)  # before minutes of scoring
     data_path = cfg.data.path or run_config["data_path"]
     from pipelines.data.reader import load_manifest, load_split
     from pipelines.metrics.suite import compute_metrics, real_floor
@@ -165,6 +167,24 @@ def evaluate_stage(cfg: PipelineConfig, run_id: Optional[str] = None, checkpoint
     else:
         print(f"[gan-pipeline] metrics ({len(metrics)}) in MLflow and in {out_dir / 'metrics.json'}")
     return metrics
+
+
+def _check_training_run_is_here(mlflow_client, run_id: str, checkpoint: str, uri: str) -> None:
+    """A checkpoint's metrics go to the run that trained it, so that run must be in this tracking store."""
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.registry import is_not_found
+
+    try:
+        mlflow_client.get_run(run_id)
+    except MlflowException as exc:
+        if not is_not_found(exc):
+            raise
+        raise UserError(
+            f"checkpoint {checkpoint} was trained in MLflow run {run_id}, which the tracking store at "
+            f"{tracking.redact_uri(uri)} does not hold, so its metrics would have nowhere to go; pass the "
+            "--tracking-uri it was trained with (or set MLFLOW_TRACKING_URI), or run evaluate from the directory "
+            "it was trained in (the default store is mlflow.db there)") from None
 
 
 def _real_floor(cfg, data_path, manifest, classifier, real_x, real_y, spec, cache, real_floor) -> dict:

@@ -120,6 +120,11 @@ CASES = [
      1, "is unreadable or truncated"),
     ("evaluate-checkpoint-no-weights", lambda w, d: ["evaluate", "--checkpoint", _checkpoint(w, None)], 1,
      "generator.pt is missing"),
+    ("evaluate-checkpoint-of-a-run-elsewhere", lambda w, d: ["evaluate", "--checkpoint", _foreign_run_checkpoint(w, d)],
+     1, "does not hold, so its metrics would have nowhere to go; pass the --tracking-uri it was trained with"),
+    ("evaluate-dataset-too-small-for-the-metrics",
+     lambda w, d: ["evaluate", "--checkpoint", _foreign_run_checkpoint(w, d, run_id=None)], 2,
+     "real ones are at most eval.num_samples of the dataset's held-out split: lower eval.kid_subset_size"),
     ("evaluate-run-unknown", lambda w, d: ["evaluate", "--run-id", "0123456789abcdef"], 1,
      "MLflow run '0123456789abcdef' not found"),
     ("evaluate-model-uri-malformed", lambda w, d: ["evaluate", "--model-uri", "mnist-cgan"], 1,
@@ -164,6 +169,25 @@ def _checkpoint(w: Path, generator_bytes) -> str:
     (d / "config.json").write_text(json.dumps({"gan_spec": asdict(spec), "data_path": "x", "manifest_hash": "y"}))
     if generator_bytes is not None:
         (d / "generator.pt").write_bytes(generator_bytes)
+    return str(d)
+
+
+def _foreign_run_checkpoint(w: Path, data_path: str, run_id="0123456789abcdef0123456789abcdef") -> str:
+    """A sound checkpoint whose training run lives in another tracking store than the one the command uses
+    (``run_id=None``: a checkpoint with no training run, whose metrics stay on disk)."""
+    import torch
+
+    from gan_models.step import build_generator
+    from pipelines.config import PipelineConfig
+    from pipelines.data.reader import load_manifest
+
+    d = w / "ckpt-from-elsewhere"
+    d.mkdir()
+    spec = PipelineConfig().gan_spec(28, 1, 10)
+    config = {"gan_spec": asdict(spec), "data_path": data_path,
+              "manifest_hash": load_manifest(data_path)["manifest_hash"]}
+    (d / "config.json").write_text(json.dumps({**config, **({"mlflow_run_id": run_id} if run_id else {})}))
+    torch.save(build_generator(spec).state_dict(), d / "generator.pt")
     return str(d)
 
 

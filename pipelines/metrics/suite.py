@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pipelines.config import EvalConfig
+from pipelines.errors import MetricsRequestError
 from pipelines.metrics import distances, inception, manifold, scores
 from pipelines.metrics.classifier import DomainClassifier, as_images, as_labels
 
@@ -234,13 +235,14 @@ def resolve_names(names: Optional[list[str]], cfg: EvalConfig, conditional: bool
                 and (cfg.inception or n not in INCEPTION_METRICS)]
     unknown = [n for n in chosen if n not in METRICS]
     if unknown:
-        raise ValueError(f"unknown metric(s) {unknown} in eval.metrics; known: {', '.join(METRICS)}")
+        raise MetricsRequestError(f"unknown metric(s) {unknown} in eval.metrics; known: {', '.join(METRICS)}")
     wrong = [n for n in chosen if n in CONDITIONAL_ONLY and not conditional]
     if wrong:
-        raise ValueError(f"metric(s) {wrong} need a conditional model (model.conditional: true)")
+        raise MetricsRequestError(f"metric(s) {wrong} need a conditional model (model.conditional: true)")
     wrong = [n for n in chosen if n in CODED_ONLY and not coded]
     if wrong:
-        raise ValueError(f"metric(s) {wrong} need a generator with a latent code (model.code_categories > 1)")
+        raise MetricsRequestError(
+            f"metric(s) {wrong} need a generator with a latent code (model.code_categories > 1)")
     return chosen
 
 
@@ -248,15 +250,21 @@ def check_counts(num_generated: int, num_real: int, cfg: EvalConfig, names: list
     """Fail before any expensive work when a metric cannot be computed with these sample counts."""
     n = min(num_generated, num_real)
     if "domain_kid" in names and n < cfg.kid_subset_size:
-        distances.kernel_distance(np.zeros((num_generated, 1)), np.zeros((num_real, 1)), cfg.kid_subset_size, 1)
+        raise MetricsRequestError(
+            f"KID needs at least {cfg.kid_subset_size} generated and {cfg.kid_subset_size} real samples "
+            f"(eval.kid_subset_size = {cfg.kid_subset_size}), got {num_generated} generated and {num_real} real; the "
+            "real ones are at most eval.num_samples of the dataset's held-out split: lower eval.kid_subset_size, "
+            "raise eval.num_samples, or prepare more images")
     if "inception_kid" in names and cfg.inception_num_samples and cfg.inception_num_samples < cfg.kid_subset_size:
-        raise ValueError(f"eval.inception_num_samples ({cfg.inception_num_samples}) is below eval.kid_subset_size "
-                         f"({cfg.kid_subset_size}); raise the first or lower the second")
+        raise MetricsRequestError(f"eval.inception_num_samples ({cfg.inception_num_samples}) is below "
+                                  f"eval.kid_subset_size ({cfg.kid_subset_size}); raise the first or lower the second")
     k = max(cfg.precision_recall_k, cfg.density_coverage_k)
     if any(m in names for m in ("precision_recall", "density_coverage")) and n <= k:
-        raise ValueError(f"precision/recall/density/coverage with k = {k} need more than {k} samples per side, got {n}")
+        raise MetricsRequestError(f"precision/recall/density/coverage with k = {k} need more than {k} samples per "
+                                  f"side, got {n}; raise eval.num_samples or prepare more images")
     if n < 2:
-        raise ValueError(f"metrics need at least 2 generated and 2 real images, got {num_generated} and {num_real}")
+        raise MetricsRequestError(f"metrics need at least 2 generated and 2 real images, got {num_generated} and "
+                                  f"{num_real}")
 
 
 def compute_metrics(
