@@ -317,17 +317,20 @@ def promote(cfg: PipelineConfig, name, version, from_alias, to_alias, metric, fo
 @click.option("--model-uri", required=True, help="e.g. models:/mnist-cgan@champion")
 @click.option("--n", "n", default=64, show_default=True, help="number of images")
 @click.option("--label", type=int, default=None, help="class of every image (conditional models)")
+@click.option("--category", type=int, default=None,
+              help="InfoGAN category of every image (models trained with --code-categories; dcgan by default)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, help="output file (.png grid or .npy)")
 @click.option("--format", "fmt", type=click.Choice(["png", "npy"]), default="png", show_default=True)
 @click.option("--interpolate", is_flag=True, help="a latent interpolation strip instead of random samples")
 @config_options(TRACKING_OPTS, model_choice=False)
 @_fail_cleanly
-def generate(cfg: PipelineConfig, model_uri, n, label, seed, out, fmt, interpolate) -> None:
+def generate(cfg: PipelineConfig, model_uri, n, label, category, seed, out, fmt, interpolate) -> None:
     """Sample images from a registered generator."""
     from pipelines.generate import generate_stage
 
-    generate_stage(cfg, model_uri=model_uri, n=n, label=label, seed=seed, out=out, fmt=fmt, interpolate=interpolate)
+    generate_stage(cfg, model_uri=model_uri, n=n, label=label, seed=seed, out=out, fmt=fmt, interpolate=interpolate,
+                   category=category)
 
 
 @cli.group()

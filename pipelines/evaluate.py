@@ -135,8 +135,13 @@ def evaluate_stage(cfg: PipelineConfig, run_id: Optional[str] = None, checkpoint
     if manifest["manifest_hash"] != run_config["manifest_hash"]:
         raise UserError(f"the dataset at {data_path} (version {manifest['manifest_hash'][:12]}) is not the one the "
                         f"generator was trained on ({run_config['manifest_hash'][:12]}); pass --data with that one")
-    classifier, _ = domain_classifier(cfg, data_path, manifest)
     n = cfg.eval.num_samples
+    from pipelines.metrics.suite import check_counts, resolve_names
+
+    # said now, not after a classifier's training and minutes of sampling
+    check_counts(n, min(n, int(manifest.get("counts", {}).get("heldout", n))), cfg.eval,
+                 resolve_names(None, cfg.eval, spec.conditional, coded=bool(spec.code_categories)))
+    classifier, _ = domain_classifier(cfg, data_path, manifest)
     start = time.perf_counter()
     z, labels = evaluation_inputs(spec.nz, n, cfg.eval.seed, spec.num_classes if spec.conditional else None)
     fake = generate(generator, z, labels, batch_size=cfg.eval.batch_size)

@@ -15,7 +15,7 @@ from pipelines.files import atomic_write
 
 
 def model_info(model) -> dict:
-    """``{"nz", "conditional", "num_classes", "class_names"}`` of a loaded pyfunc generator."""
+    """``{"nz", "conditional", "num_classes", "class_names", "code_categories"}`` of a loaded pyfunc generator."""
     meta = model.metadata
     schema = meta.get_input_schema()
     if schema is None or not schema.is_tensor_spec():
@@ -34,8 +34,14 @@ def model_info(model) -> dict:
             num_classes = None
         if num_classes is None:
             raise UserError("this conditional model does not record its number of classes (metadata num_classes)")
+    code_categories = extra.get("code_categories")
+    if code_categories is None:  # registered before the code was recorded: ask the loaded python model
+        try:
+            code_categories = model.unwrap_python_model().generator.code_categories
+        except Exception:  # noqa: BLE001
+            code_categories = 0
     return {"nz": nz, "conditional": conditional, "num_classes": int(num_classes) if conditional else None,
-            "class_names": extra.get("class_names")}
+            "class_names": extra.get("class_names"), "code_categories": int(code_categories or 0)}
 
 
 def slerp(z0, z1, steps: int):
@@ -78,10 +84,13 @@ def _load(model_uri: str):
 
 
 def generate_stage(cfg: PipelineConfig, model_uri: str, n: int = 64, label: Optional[int] = None, seed: int = 0,
-                   out: str = "samples.png", fmt: str = "png", interpolate: bool = False) -> dict:
+                   out: str = "samples.png", fmt: str = "png", interpolate: bool = False,
+                   category: Optional[int] = None) -> dict:
     """Write ``n`` images (or an ``n``-step interpolation strip) of ``model_uri`` to ``out``.
 
     PNG: a grid (conditional models without ``label`` cycle labels over the classes, one class per column).
+    ``category``: for a generator with InfoGAN's latent code, every image of that category (what each category
+    means is the model's own: ``evaluate`` draws a row per category in ``code_grid.png``).
     npy: uint8 array N x C x H x W. Returns ``{"out", "shape", "labels"}``.
     """
     import mlflow
@@ -116,6 +125,15 @@ def generate_stage(cfg: PipelineConfig, model_uri: str, n: int = 64, label: Opti
             raise UserError(f"--label {label} is outside the classes of {model_uri}: use 0..{info['num_classes'] - 1}"
                             f"{hint}")
 
+    if category is not None:
+        k = info["code_categories"]
+        if not k:
+            raise UserError(f"--category {category} given, but {model_uri} has no latent code (it was trained "
+                            f"without --code-categories); drop --category"
+                            + (", or pick a class with --label" if info["conditional"] else ""))
+        if not 0 <= category < k:
+            raise UserError(f"--category {category} is outside the {k} categories of {model_uri}: use 0..{k - 1}")
+
     cycling = None
     if interpolate:
         ends = torch.randn(2, info["nz"], generator=torch.Generator().manual_seed(seed))
@@ -124,6 +142,10 @@ def generate_stage(cfg: PipelineConfig, model_uri: str, n: int = 64, label: Opti
     else:
         z, cycling = evaluation_inputs(info["nz"], n, seed, info["num_classes"] if info["conditional"] else None)
         nrow = info["num_classes"] if info["conditional"] and label is None else max(1, math.ceil(math.sqrt(n)))
+    if category is not None:
+        from gan_models.latent_code import with_category
+
+        z = with_category(z, info["code_categories"], category)
     inputs = {"z": z.numpy().astype(np.float32)}
     labels = None
     if info["conditional"]:

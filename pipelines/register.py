@@ -211,6 +211,7 @@ def register_stage(cfg: PipelineConfig, run_id: str) -> dict:
         class_names = run_config.get("class_names")
         metadata = {METADATA_KEY: {
             "conditional": conditional, "num_classes": num_classes, "nz": int(spec["nz"]),
+            "code_categories": int(spec.get("code_categories", 0)),
             "channels": int(spec["channels"]), "resolution": int(spec["resolution"]),
             "class_names": class_names, "model_family": family, "dataset": dataset, "manifest_hash": manifest,
             "source_run_id": run_id, "output_range": [-1.0, 1.0],

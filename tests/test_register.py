@@ -329,6 +329,34 @@ def test_a_generator_with_a_latent_code_is_registered_and_served_with_it(mlflow_
     np.testing.assert_allclose(served.predict({"z": z}), expected, atol=1e-5)
 
 
+def test_generate_draws_one_category_of_a_coded_generator(mlflow_server, workdir, tmp_path, flow):
+    """``generate --category K``: every image gets category K, the rest of each noise vector kept."""
+    from gan_models.latent_code import latent_code, with_category
+    from gan_models.sampling import evaluation_inputs, to_uint8
+    from pipelines.generate import generate_stage
+    from pipelines.register import register_stage
+
+    name = f"test-info-cat-{uuid.uuid4().hex[:6]}"
+    run_id = make_training_run(mlflow_server, workdir, conditional=False, model="dcgan", code_categories=4, seed=6)
+    reg = register_stage(cfg_for(mlflow_server, name), run_id)
+    cfg = cfg_for(mlflow_server)
+    out = tmp_path / "two.npy"
+    generate_stage(cfg, model_uri=reg["alias_uri"], n=8, seed=3, out=str(out), fmt="npy", category=2)
+    z, _ = evaluation_inputs(NZ, 8, 3, None)
+    chosen = with_category(z, 4, 2)
+    assert (latent_code(chosen, 4) == 2).all() and not (latent_code(z, 4) == 2).all()
+    local = build_gan(GANSpec(resolution=28, channels=1, ngf=8, nz=NZ, code_categories=4), seed=6).generator.eval()
+    with torch.no_grad():
+        expected = to_uint8(local(chosen)).numpy()
+    assert np.abs(np.load(out).astype(int) - expected.astype(int)).max() <= 1  # the same images, up to rounding
+    with pytest.raises(UserError, match=r"outside the 4 categories .*: use 0\.\.3"):
+        generate_stage(cfg, model_uri=reg["alias_uri"], n=2, out=str(tmp_path / "x.png"), category=4)
+    with pytest.raises(UserError, match="has no latent code .*drop --category, or pick a class with --label"):
+        generate_stage(cfg, model_uri=f"models:/{flow['name']}@champion", n=2, out=str(tmp_path / "y.png"),
+                       category=0)
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+
+
 def test_default_name_is_dataset_dash_model():
     from types import SimpleNamespace
 
