@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gan_models.conditioning import AuxiliaryClassifier, check_labels
-from gan_models.latent_code import latent_code
+from gan_models.latent_code import check_room, information_loss
 from gan_models.networks import Discriminator, DiscriminatorBody, Generator, init_weights
 from gan_models.objectives import Objective, make_objective
 
@@ -24,7 +24,8 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # images in [-1, 1], labels (int64; -
 # logs them under these names and tells them apart from evaluation metrics by this tuple.
 STEP_METRICS = (
     "d_loss", "g_loss", "d_real", "d_fake", "wasserstein_estimate", "gradient_penalty",
-    "aux_loss_real", "aux_loss_fake", "code_loss_q", "code_loss_g", "d_grad_norm", "g_grad_norm",
+    "aux_loss_real", "aux_loss_fake", "code_loss_q", "code_loss_g", "code_continuous_loss_q",
+    "code_continuous_loss_g", "d_grad_norm", "g_grad_norm",
 )
 
 
@@ -44,6 +45,7 @@ class GANSpec:
     aux_class_weight: float = 0.0
     code_categories: int = 0  # InfoGAN's categorical code (gan_models.latent_code); 0 = none
     code_weight: float = 1.0  # lambda of the mutual-information term in G's loss
+    code_continuous: int = 0  # InfoGAN's continuous codes, z's entries after the categorical ones; 0 = none
     optimizer: str = "adam"
     lr_g: float = 2e-4
     lr_d: float = 2e-4
@@ -63,6 +65,10 @@ class GANSpec:
         if self.code_categories and (self.code_categories < 2 or self.conditional):
             raise ValueError("code_categories must be 0 or >= 2, and only on an unconditional model "
                              f"(a conditional one has its label), got {self.code_categories}")
+        if self.code_continuous and not self.code_categories:
+            raise ValueError("code_continuous needs a categorical code beside it (code_categories >= 2)")
+        if self.code_categories:
+            check_room(self.nz, self.code_categories + self.code_continuous)
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
 
@@ -132,7 +138,8 @@ def build_gan(spec: GANSpec, device: torch.device | str = "cpu", seed: int | Non
     discriminator.apply(init_weights)
     aux = None
     d_params = list(discriminator.parameters())
-    aux_outputs = spec.num_classes if spec.conditional and spec.aux_class_weight > 0 else spec.code_categories
+    aux_outputs = (spec.num_classes if spec.conditional and spec.aux_class_weight > 0
+                   else spec.code_categories + spec.code_continuous if spec.code_categories else 0)
     if aux_outputs:
         body = DiscriminatorBody(spec.channels, spec.resolution, max(spec.ndf // 2, 8), batchnorm=True)
         aux = AuxiliaryClassifier(body, body.out_channels, aux_outputs)
@@ -221,10 +228,8 @@ def discriminator_phase(gan: GAN, real: torch.Tensor, real_labels: torch.Tensor,
     if gan.aux_classifier is not None and codes is not None:
         # InfoGAN's Q learns to read G's code back from G's samples.
         with gan.autocast():
-            code_logits = gan.aux_classifier(fake)
-        code_loss = F.cross_entropy(code_logits.float(), codes)
-        stats["code_loss_q"] = code_loss.detach()
-        loss = loss + code_loss
+            q_output = gan.aux_classifier(fake)
+        loss = loss + _information_term(gan, q_output, codes, stats, "q")
     elif gan.aux_classifier is not None:
         with gan.autocast():
             aux_logits = gan.aux_classifier(real)
@@ -253,9 +258,7 @@ def generator_phase(gan: GAN, batch: int, fake_batch: Optional[tuple] = None) ->
     stats = {}
     if aux_logits is not None and codes is not None:
         # The mutual-information term: G makes its code legible to Q.
-        code_loss = F.cross_entropy(aux_logits.float(), codes)
-        stats["code_loss_g"] = code_loss.detach()
-        loss = loss + gan.spec.code_weight * code_loss
+        loss = loss + gan.spec.code_weight * _information_term(gan, aux_logits, codes, stats, "g")
     elif aux_logits is not None:
         aux_loss = F.cross_entropy(aux_logits.float(), labels)
         stats["aux_loss_fake"] = aux_loss.detach()
@@ -302,10 +305,20 @@ def train_step(gan: GAN, batches: Iterator[Batch], step: int = 0) -> dict[str, t
     return stats
 
 
+def _information_term(gan: GAN, q_output: torch.Tensor, z: torch.Tensor, stats: dict, who: str) -> torch.Tensor:
+    categorical, continuous = information_loss(q_output, z, gan.spec.code_categories, gan.spec.code_continuous)
+    stats[f"code_loss_{who}"] = categorical.detach()
+    if continuous is None:
+        return categorical
+    stats[f"code_continuous_loss_{who}"] = continuous.detach()
+    return categorical + continuous
+
+
 def _fake_batch(gan: GAN, batch: int, with_graph: bool) -> tuple:
-    """``(images, labels, codes)`` from G: labels for a conditional G, InfoGAN codes for a coded one, else None."""
+    """``(images, labels, codes)`` from G: labels for a conditional G, for a coded one the noise its InfoGAN codes
+    are read from (``gan_models.latent_code``), else None."""
     z, labels = gan.noise(batch), gan.random_labels(batch)
-    codes = latent_code(z, gan.spec.code_categories) if gan.spec.code_categories else None
+    codes = z if gan.spec.code_categories else None
     with torch.set_grad_enabled(with_graph), gan.autocast():
         return gan.generator(z, labels), labels, codes
 

@@ -49,6 +49,8 @@ MODEL_OPTS = [
     Opt("model.code_categories", ("--code-categories",), int,
         "InfoGAN categorical code in G's input (unconditional; 0 = the paper's model without it)"),
     Opt("model.code_weight", ("--code-weight",), float, "weight of InfoGAN's mutual-information term"),
+    Opt("model.code_continuous", ("--code-continuous",), int,
+        "InfoGAN continuous codes beside the categorical one (0 = none)"),
     Opt("optim.lr_g", ("--lr-g",), float, "generator learning rate"),
     Opt("optim.lr_d", ("--lr-d",), float, "discriminator/critic learning rate"),
     Opt("optim.beta1", ("--beta1",), float, "Adam beta1"),

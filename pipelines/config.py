@@ -64,6 +64,8 @@ class ModelConfig(_Strict):
     code_categories: int = Field(0, ge=0, description="InfoGAN categorical latent code: categories (0 = none; "
                                  "unconditional models only)")
     code_weight: float = Field(1.0, ge=0.0, description="weight of InfoGAN's mutual-information term in G's loss")
+    code_continuous: int = Field(0, ge=0, description="InfoGAN continuous codes beside the categorical one "
+                                 "(z's entries after it, regressed by Q; 0 = none)")
     critic_batchnorm: bool = True
     nz: int = Field(100, ge=1)
     ngf: Optional[int] = Field(None, ge=4, description="generator width; default 32 up to 32 px, 64 at 64 px")
@@ -83,9 +85,13 @@ class ModelConfig(_Strict):
                              "its code); set model.code_categories: 0")
         if self.code_categories == 1:
             raise ValueError("code_categories: 1 is not a code (one category carries no information); use 0 or >= 2")
-        if self.code_categories > self.nz:
-            raise ValueError(f"code_categories {self.code_categories} needs nz >= {self.code_categories} (the code is "
-                             f"read from the noise); raise model.nz or lower model.code_categories")
+        if self.code_continuous and not self.code_categories:
+            raise ValueError("code_continuous > 0 needs a categorical code beside it (model.code_categories >= 2); "
+                             "set model.code_continuous: 0")
+        codes = self.code_categories + (self.code_continuous if self.code_categories else 0)
+        if codes > self.nz:
+            raise ValueError(f"a latent code of {codes} entries (code_categories + code_continuous) needs nz >= "
+                             f"{codes} (the code is read from the noise); raise model.nz or lower the code")
         return self
 
 
@@ -339,7 +345,8 @@ class PipelineConfig(_Strict):
             ndf=m.ndf or m.ngf or default_width, objective=m.objective,
             conditional=m.conditional, num_classes=num_classes if m.conditional else m.num_classes,
             critic_batchnorm=m.critic_batchnorm, aux_class_weight=m.aux_class_weight,
-            code_categories=m.code_categories, code_weight=m.code_weight, optimizer=o.optimizer,
+            code_categories=m.code_categories, code_weight=m.code_weight, code_continuous=m.code_continuous,
+            optimizer=o.optimizer,
             lr_g=o.lr_g, lr_d=o.lr_d, beta1=o.beta1, beta2=o.beta2, n_critic=o.n_critic,
             critic_warmup=o.critic_warmup, clip_value=o.clip_value, gp_weight=o.gp_weight,
             precision=self.resolved_precision(),
@@ -412,6 +419,8 @@ def build_config(
         # a conditional model has its label for a code: the preset's latent code gives way (one given explicitly
         # is refused with the reason)
         merged["model"]["code_categories"] = 0
+    if merged.get("model", {}).get("code_categories") == 0 and "code_continuous" not in given:
+        merged["model"]["code_continuous"] = 0  # the preset's continuous codes go with its categorical one
     merged.setdefault("model", {})["name"] = name
     try:
         return PipelineConfig.model_validate(merged)

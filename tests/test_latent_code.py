@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gan_models import GANSpec, build_gan, train_step
-from gan_models.latent_code import code_input, latent_code, with_category
+from gan_models.latent_code import code_input, continuous_code, information_loss, latent_code, with_category
 from gan_models.step import build_generator, generator_phase
 from pipelines.config import ConfigError, build_config
 from tests.helpers import constant_batches
@@ -90,10 +90,38 @@ def test_the_code_works_with_every_objective():
             assert max(p.abs().max() for p in gan.aux_classifier.parameters()) > 0.01
 
 
+def test_the_information_term_scores_q_on_the_category_and_the_continuous_codes():
+    z = torch.randn(64, 16, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(continuous_code(z, 4, 2), z[:, 4:6])
+    perfect = torch.cat([torch.nn.functional.one_hot(latent_code(z, 4), 4) * 50.0, z[:, 4:6]], dim=1)
+    categorical, continuous = information_loss(perfect, z, 4, 2)
+    assert float(categorical) < 1e-6 and float(continuous) == 0.0
+    blind = torch.zeros(64, 6)  # guesses nothing: chance for the category, the prior's mean for the codes
+    categorical, continuous = information_loss(blind, z, 4, 2)
+    assert float(categorical) == pytest.approx(math.log(4), rel=1e-6)
+    assert float(continuous) == pytest.approx(float(0.5 * z[:, 4:6].pow(2).sum(1).mean()), rel=1e-6)
+    assert information_loss(blind[:, :4], z, 4)[1] is None  # no continuous code: no term
+
+
+def test_q_learns_the_continuous_codes_and_g_learns_to_show_them():
+    gan = build_gan(_spec(code_continuous=2), seed=0)
+    assert gan.aux_classifier(torch.rand(2, 1, 28, 28)).shape == (2, 4 + 2)
+    first = train_step(gan, constant_batches(32, 1, 28))
+    assert {"code_loss_g", "code_continuous_loss_q", "code_continuous_loss_g"} <= set(first)
+    for step in range(1, 80):
+        last = train_step(gan, constant_batches(32, 1, 28), step)
+    # from the prior's spread (0.5 * E|c|^2 = 1 for two unit Gaussians) to codes Q reads back
+    assert float(first["code_continuous_loss_g"]) > 0.6
+    assert float(last["code_continuous_loss_g"]) < 0.5 * float(first["code_continuous_loss_g"])
+    assert float(last["code_loss_g"]) < 0.5 * math.log(4)
+
+
 @pytest.mark.parametrize("override, message", [
     ({"model": {"conditional": True, "code_categories": 10}}, "unconditional models"),
     ({"model": {"code_categories": 1}}, "one category carries no information"),
     ({"model": {"nz": 8, "code_categories": 10}}, "needs nz >= 10"),
+    ({"model": {"nz": 11, "code_categories": 10, "code_continuous": 2}}, "a latent code of 12 entries .*needs nz >= 12"),
+    ({"model": {"code_categories": 0, "code_continuous": 2}}, "needs a categorical code beside it"),
 ])
 def test_config_refuses_codes_that_cannot_work(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -105,6 +133,10 @@ def test_code_flows_from_the_config_to_the_spec():
     spec = cfg.gan_spec(resolution=28, channels=1, num_classes=10)
     assert (spec.code_categories, spec.code_weight) == (6, 0.5)
     assert build_config("wgan", overrides={"model": {"code_categories": 0}}).gan_spec(28, 1, 10).code_categories == 0
+    cfg = build_config("dcgan", overrides={"model": {"code_continuous": 2}})
+    assert cfg.gan_spec(resolution=28, channels=1, num_classes=10).code_continuous == 2
+    # the paper's DCGAN, one flag away, whatever continuous codes the preset has
+    assert build_config("dcgan", overrides={"model": {"code_categories": 0}}).gan_spec(28, 1, 10).code_continuous == 0
 
 
 def test_dcgan_has_the_code_by_default_and_the_papers_model_is_one_flag_away(tmp_path):
