@@ -139,7 +139,7 @@ def build_gan(spec: GANSpec, device: torch.device | str = "cpu", seed: int | Non
     aux = None
     d_params = list(discriminator.parameters())
     aux_outputs = (spec.num_classes if spec.conditional and spec.aux_class_weight > 0
-                   else spec.code_categories + spec.code_continuous if spec.code_categories else 0)
+                   else spec.code_categories + spec.code_continuous)
     if aux_outputs:
         body = DiscriminatorBody(spec.channels, spec.resolution, max(spec.ndf // 2, 8), batchnorm=True)
         aux = AuxiliaryClassifier(body, body.out_channels, aux_outputs)

@@ -88,7 +88,7 @@ class ModelConfig(_Strict):
         if self.code_continuous and not self.code_categories:
             raise ValueError("code_continuous > 0 needs a categorical code beside it (model.code_categories >= 2); "
                              "set model.code_continuous: 0")
-        codes = self.code_categories + (self.code_continuous if self.code_categories else 0)
+        codes = self.code_categories + self.code_continuous
         if codes > self.nz:
             raise ValueError(f"a latent code of {codes} entries (code_categories + code_continuous) needs nz >= "
                              f"{codes} (the code is read from the noise); raise model.nz or lower the code")

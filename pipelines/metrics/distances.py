@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from scipy import linalg
@@ -81,6 +81,14 @@ def _poly_mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
     return float(sxx + syy - 2.0 * kxy.mean())
 
 
+def kid_count_problem(num_generated: int, num_real: int, subset_size: int) -> Optional[str]:
+    """Why KID cannot be computed from these sample counts (each side needs ``subset_size``), or None."""
+    if num_generated >= subset_size and num_real >= subset_size:
+        return None
+    return (f"KID needs at least {subset_size} generated and {subset_size} real samples (eval.kid_subset_size = "
+            f"{subset_size}), got {num_generated} generated and {num_real} real")
+
+
 def kernel_distance(
     generated_features: Any,
     real_features: Any,
@@ -99,12 +107,9 @@ def kernel_distance(
         raise ValueError(f"feature dimensions differ: {g.shape[1]} vs {r.shape[1]}")
     if subset_size < 2:
         raise ValueError("eval.kid_subset_size must be at least 2")
-    if g.shape[0] < subset_size or r.shape[0] < subset_size:
-        raise ValueError(
-            f"KID needs at least {subset_size} generated and {subset_size} real samples (eval.kid_subset_size = "
-            f"{subset_size}), got {g.shape[0]} generated and {r.shape[0]} real; lower eval.kid_subset_size or raise "
-            f"eval.num_samples"
-        )
+    problem = kid_count_problem(g.shape[0], r.shape[0], subset_size)
+    if problem:
+        raise ValueError(f"{problem}; lower eval.kid_subset_size or raise eval.num_samples")
     rng = np.random.default_rng(seed)
     vals = np.empty(num_subsets)
     for i in range(num_subsets):

@@ -249,12 +249,10 @@ def resolve_names(names: Optional[list[str]], cfg: EvalConfig, conditional: bool
 def check_counts(num_generated: int, num_real: int, cfg: EvalConfig, names: list[str]) -> None:
     """Fail before any expensive work when a metric cannot be computed with these sample counts."""
     n = min(num_generated, num_real)
-    if "domain_kid" in names and n < cfg.kid_subset_size:
-        raise MetricsRequestError(
-            f"KID needs at least {cfg.kid_subset_size} generated and {cfg.kid_subset_size} real samples "
-            f"(eval.kid_subset_size = {cfg.kid_subset_size}), got {num_generated} generated and {num_real} real; the "
-            "real ones are at most eval.num_samples of the dataset's held-out split: lower eval.kid_subset_size, "
-            "raise eval.num_samples, or prepare more images")
+    problem = distances.kid_count_problem(num_generated, num_real, cfg.kid_subset_size)
+    if "domain_kid" in names and problem:
+        raise MetricsRequestError(f"{problem}; the real ones are at most eval.num_samples of the dataset's held-out "
+                                  "split: lower eval.kid_subset_size, raise eval.num_samples, or prepare more images")
     if "inception_kid" in names and cfg.inception_num_samples and cfg.inception_num_samples < cfg.kid_subset_size:
         raise MetricsRequestError(f"eval.inception_num_samples ({cfg.inception_num_samples}) is below "
                                   f"eval.kid_subset_size ({cfg.kid_subset_size}); raise the first or lower the second")
